@@ -1,0 +1,61 @@
+"""Checks a config before anything runs, naming the bad field and what it accepts."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from alexnet_jax import model, optim
+
+DATA_SOURCES = ("demo", "prepared")
+
+
+class ConfigError(ValueError):
+    """A config field holds a value the trainer cannot use."""
+
+
+def _check(ok: bool, field: str, value, accepted: str) -> None:
+    if not ok:
+        raise ConfigError(f"config.{field} = {value!r} is not valid: expected {accepted}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError for the first field outside its accepted values."""
+    c = config
+    _check(c.data.source in DATA_SOURCES, "data.source", c.data.source, f"one of {DATA_SOURCES}")
+    _check(c.data.num_workers >= 0, "data.num_workers", c.data.num_workers, "an integer >= 0")
+    _check(c.data.num_threads >= 1, "data.num_threads", c.data.num_threads, "an integer >= 1")
+    _check(c.data.input_scale > 0, "data.input_scale", c.data.input_scale, "a number > 0")
+    for f in ("demo_train_per_class", "demo_val_per_class"):
+        _check(c.data[f] >= 1, f"data.{f}", c.data[f], "an integer >= 1")
+    m = c.model
+    _check(m.num_classes >= 2, "model.num_classes", m.num_classes, "an integer >= 2")
+    _check(m.width > 0, "model.width", m.width, "a number > 0 (1.0 is the paper's width)")
+    _check(
+        m.init_scheme in model.INIT_SCHEMES,
+        "model.init_scheme",
+        m.init_scheme,
+        f"one of {model.INIT_SCHEMES}",
+    )
+    _check(0 <= m.dropout_rate < 1, "model.dropout_rate", m.dropout_rate, "a number in [0, 1)")
+    _check(c.batch_size >= 1, "batch_size", c.batch_size, "an integer >= 1")
+    _check(c.eval_batch_size >= 1, "eval_batch_size", c.eval_batch_size, "an integer >= 1")
+    _check(c.num_epochs > 0, "num_epochs", c.num_epochs, "a number > 0")
+    _check(c.learning_rate > 0, "learning_rate", c.learning_rate, "a number > 0")
+    _check(c.schedule in optim.SCHEDULES, "schedule", c.schedule, f"one of {optim.SCHEDULES}")
+    _check(0 <= c.momentum < 1, "momentum", c.momentum, "a number in [0, 1)")
+    _check(c.weight_decay >= 0, "weight_decay", c.weight_decay, "a number >= 0")
+    _check(
+        len(c.mesh_shape) == 2 and all(d == -1 or d >= 1 for d in c.mesh_shape),
+        "mesh_shape",
+        c.mesh_shape,
+        "(data, tower) with positive sizes or -1, e.g. (-1, 1) or (1, 2)",
+    )
+    _check(
+        c.mesh_shape[1] in (1, model.NUM_TOWERS),
+        "mesh_shape",
+        c.mesh_shape,
+        f"a tower axis of 1 or {model.NUM_TOWERS}",
+    )
+    for f in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+        _check(c[f] >= 1, f, c[f], "an integer >= 1")
+    _check(c.eval_every_epochs > 0, "eval_every_epochs", c.eval_every_epochs, "a number > 0")

@@ -1,0 +1,1 @@
+"""Input: the on-disk format, the demo dataset, preparation and the grain pipeline."""

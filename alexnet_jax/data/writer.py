@@ -1,0 +1,104 @@
+"""Writing prepared datasets: the paper's 256x256 preprocessing, shards, statistics.
+
+Used by the demo generator and by ImageNet preparation, so both produce the
+same format (see ``records.py``).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterable
+
+import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
+from PIL import Image
+
+from alexnet_jax.data import records
+
+PREPARED_SIZE = 256
+JPEG_QUALITY = 90
+
+
+def resize_and_center_crop(image: Image.Image, size: int = PREPARED_SIZE) -> Image.Image:
+    """Sec. 2: rescale the shorter side to ``size``, then cut the central square."""
+    image = image.convert("RGB")
+    w, h = image.size
+    scale = size / min(w, h)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    image = image.resize((new_w, new_h), Image.BILINEAR, reducing_gap=3.0)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def encode_jpeg(image: Image.Image, quality: int = JPEG_QUALITY) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def write_shard(path: str, examples: Iterable[tuple[bytes, int, str]]) -> int:
+    """Writes (jpeg, label, key) examples to one ArrayRecord file atomically."""
+    tmp = path + ".tmp"
+    writer = ArrayRecordWriter(tmp, "group_size:1")
+    count = 0
+    for jpeg, label, key in examples:
+        writer.write(records.encode_example(jpeg, label, key))
+        count += 1
+    writer.close()
+    os.replace(tmp, path)
+    return count
+
+
+class RgbStatistics:
+    """Streaming mean image and RGB covariance, for mean subtraction and PCA colour.
+
+    Pixels are accumulated on the [0, 1] scale (the scale the paper's PCA
+    constants are quoted on); the mean image is reported on the 0-255 scale.
+    """
+
+    def __init__(self, size: int = PREPARED_SIZE):
+        self.count = 0
+        self.pixel_count = 0
+        self.sum_image = np.zeros((size, size, 3), np.float64)
+        self.sum_rgb = np.zeros(3, np.float64)
+        self.sum_outer = np.zeros((3, 3), np.float64)
+
+    def add(self, image_HxWx3: np.ndarray) -> None:
+        pixels = image_HxWx3.astype(np.float64)
+        self.sum_image += pixels
+        flat = pixels.reshape(-1, 3) / 255.0
+        self.sum_rgb += flat.sum(0)
+        self.sum_outer += flat.T @ flat
+        self.count += 1
+        self.pixel_count += flat.shape[0]
+
+    def merge(self, other: RgbStatistics) -> None:
+        self.count += other.count
+        self.pixel_count += other.pixel_count
+        self.sum_image += other.sum_image
+        self.sum_rgb += other.sum_rgb
+        self.sum_outer += other.sum_outer
+
+    def mean_image(self) -> np.ndarray:
+        return (self.sum_image / max(self.count, 1)).astype(np.float32)
+
+    def eigen(self) -> tuple[np.ndarray, np.ndarray]:
+        """Eigenvalues (descending) and eigenvectors (columns) of the RGB covariance."""
+        n = max(self.pixel_count, 1)
+        mean = self.sum_rgb / n
+        covariance = self.sum_outer / n - np.outer(mean, mean)
+        values, vectors = np.linalg.eigh(covariance)
+        order = np.argsort(values)[::-1]
+        return values[order], vectors[:, order]
+
+    def to_metadata(self, data_dir: str) -> dict:
+        mean_file = "mean_image.npy"
+        np.save(os.path.join(data_dir, mean_file), self.mean_image())
+        values, vectors = self.eigen()
+        return {
+            "mean_image_file": mean_file,
+            "mean_rgb": (self.sum_rgb / max(self.pixel_count, 1) * 255.0).tolist(),
+            "rgb_eigenvalues": values.tolist(),
+            "rgb_eigenvectors": vectors.tolist(),
+        }

@@ -1,0 +1,241 @@
+"""The paper's AlexNet: two explicit towers, LRN, overlapping pooling, dropout.
+
+Per-tower parameters carry a leading tower axis of size 2 (``conv1/kernel`` is
+``2 x 11 x 11 x 3 x 48``), so each tower's kernels are one slice that the
+sharding rules can place on its own device. Towers never use grouped
+convolutions: on XLA:CPU two ordinary convolutions are about 4x faster.
+
+Activations between tower-local layers are stacked as ``T x B x H x W x C``.
+Towers exchange activations only where the paper's GPUs did: into conv3,
+fc6, fc7 and fc8.
+
+conv1 pads 2 pixels on each side so that a 224x224 crop gives the paper's
+55x55 maps (the torchvision convention; Caffe crops 227 instead).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+NUM_TOWERS = 2
+
+# The paper's LRN constants (Sec. 3.3): k=2, n=5, alpha=1e-4, beta=0.75.
+LRN_BIAS = 2.0
+LRN_DEPTH_RADIUS = 2
+LRN_ALPHA = 1e-4
+LRN_BETA = 0.75
+
+INIT_SCHEMES = ("paper", "he")
+
+Initializer = Callable[..., jax.Array]
+
+
+def local_response_norm(
+    x: jax.Array,
+    *,
+    depth_radius: int = LRN_DEPTH_RADIUS,
+    bias: float = LRN_BIAS,
+    alpha: float = LRN_ALPHA,
+    beta: float = LRN_BETA,
+) -> jax.Array:
+    """The paper's LRN over the last (channel) axis, window clipped at the edges.
+
+    b_c = a_c / (bias + alpha * sum_{|j-c| <= depth_radius} a_j^2) ** beta.
+    alpha is NOT divided by the window size (PyTorch and Caffe do that).
+    """
+    squares = jnp.square(x.astype(jnp.float32))
+    window = (1,) * (x.ndim - 1) + (2 * depth_radius + 1,)
+    padding = ((0, 0),) * (x.ndim - 1) + ((depth_radius, depth_radius),)
+    sums = jax.lax.reduce_window(squares, 0.0, jax.lax.add, window, (1,) * x.ndim, padding)
+    denominator = bias + alpha * sums
+    if beta == 0.75:
+        # d ** -0.75 as rsqrt(d) * sqrt(rsqrt(d)): avoids a general pow (log + exp).
+        inv = jax.lax.rsqrt(denominator)
+        scale = inv * jnp.sqrt(inv)
+    else:
+        scale = denominator ** (-beta)
+    return (x * scale).astype(x.dtype)
+
+
+def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
+    """Overlapping pooling (Sec. 3.4): window 3, stride 2, no padding."""
+    return nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding="VALID")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerInit:
+    """How one layer's parameters start: a kernel initializer and a bias value."""
+
+    kernel: Initializer
+    bias_value: float
+
+
+def layer_inits(scheme: str) -> dict[str, LayerInit]:
+    """Per-layer initializers for an init scheme.
+
+    "paper": weights N(0, 0.01^2), biases 1 in conv2, conv4, conv5, fc6, fc7
+    and 0 elsewhere (Sec. 5). Slow to start from scratch.
+    "he": variance-scaling (fan-in, normal) weights and bias 0.1 where the
+    paper uses 1 (Caffe's later choice); starts learning at once.
+    The tower axis (0) of per-tower kernels is a batch axis for fan-in.
+    """
+    if scheme not in INIT_SCHEMES:
+        raise ValueError(f"model.init_scheme must be one of {INIT_SCHEMES}, got {scheme!r}")
+    positive = ("conv2", "conv4", "conv5", "fc6", "fc7")
+    layers = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
+    if scheme == "paper":
+        kernel = nn.initializers.normal(stddev=0.01)
+        return {n: LayerInit(kernel, 1.0 if n in positive else 0.0) for n in layers}
+    inits = {}
+    for n in layers:
+        batch_axis = () if n == "fc8" else (0,)
+        kernel = nn.initializers.variance_scaling(
+            2.0, "fan_in", "truncated_normal", batch_axis=batch_axis
+        )
+        inits[n] = LayerInit(kernel, 0.1 if n in positive else 0.0)
+    return inits
+
+
+class TowerConv(nn.Module):
+    """One convolution per tower, kernel ``T x kh x kw x Cin x Cout``.
+
+    ``shared_input`` (B x H x W x C) feeds every tower (conv1, conv3);
+    otherwise ``x`` is ``T x B x H x W x C`` and tower t sees only ``x[t]``.
+    """
+
+    features: int
+    kernel_size: int
+    stride: int
+    padding: int
+    init: LayerInit
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, shared_input: bool) -> jax.Array:
+        in_features = x.shape[-1]
+        k = self.kernel_size
+        kernel = self.param(
+            "kernel", self.init.kernel, (NUM_TOWERS, k, k, in_features, self.features)
+        )
+        bias = self.param(
+            "bias", nn.initializers.constant(self.init.bias_value), (NUM_TOWERS, self.features)
+        )
+        kernel, bias, x = (a.astype(self.dtype) for a in (kernel, bias, x))
+        pad = ((self.padding, self.padding),) * 2
+        outputs = []
+        for t in range(NUM_TOWERS):
+            inputs = x if shared_input else x[t]
+            y = jax.lax.conv_general_dilated(
+                inputs,
+                kernel[t],
+                window_strides=(self.stride, self.stride),
+                padding=pad,
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            )
+            outputs.append(y + bias[t])
+        return jnp.stack(outputs)
+
+
+class TowerDense(nn.Module):
+    """A fully connected layer whose output neurons are split between towers.
+
+    Each tower computes ``features`` neurons from the whole input (B x D), as the
+    paper's fc6 and fc7 do; the result is ``T x B x features``.
+    """
+
+    features: int
+    init: LayerInit
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.init.kernel, (NUM_TOWERS, x.shape[-1], self.features))
+        bias = self.param(
+            "bias", nn.initializers.constant(self.init.bias_value), (NUM_TOWERS, self.features)
+        )
+        kernel, bias, x = (a.astype(self.dtype) for a in (kernel, bias, x))
+        return jnp.einsum("bd,tdf->tbf", x, kernel) + bias[:, None, :]
+
+
+def merge_towers(x_T: jax.Array) -> jax.Array:
+    """T x B x ... x C -> B x ... x (T*C): tower 0's channels first."""
+    return jnp.concatenate(list(x_T), axis=-1)
+
+
+def scaled(channels: int, width: float) -> int:
+    """Channels of a layer at a width multiplier; never below 1."""
+    return max(1, int(round(channels * width)))
+
+
+class AlexNet(nn.Module):
+    """AlexNet as in the paper's Fig. 2, at an optional width multiplier.
+
+    Returns logits ``B x num_classes``; with ``with_features=True`` returns
+    ``(logits, fc7)`` where fc7 (B x 4096 at width 1) is the post-ReLU
+    activation the paper's Fig. 4 compares.
+    """
+
+    num_classes: int = 1000
+    width: float = 1.0
+    dropout_rate: float = 0.5
+    init_scheme: str = "paper"
+    use_lrn: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, images_BxHxWxC: jax.Array, *, train: bool, with_features: bool = False
+    ) -> jax.Array | tuple[jax.Array, jax.Array]:
+        inits = layer_inits(self.init_scheme)
+        w = self.width
+        conv = lambda name, c, k, s, p: TowerConv(  # noqa: E731
+            scaled(c, w), k, s, p, inits[name], self.dtype, name=name
+        )
+        lrn = local_response_norm if self.use_lrn else (lambda x: x)
+
+        x = images_BxHxWxC.astype(self.dtype)
+        x = nn.relu(conv("conv1", 48, 11, 4, 2)(x, shared_input=True))  # T,B,55,55,48
+        x = _pool_towers(lrn(x))  # T,B,27,27,48
+        x = nn.relu(conv("conv2", 128, 5, 1, 2)(x, shared_input=False))  # T,B,27,27,128
+        x = _pool_towers(lrn(x))  # T,B,13,13,128
+        x = nn.relu(conv("conv3", 192, 3, 1, 1)(merge_towers(x), shared_input=True))
+        x = nn.relu(conv("conv4", 192, 3, 1, 1)(x, shared_input=False))
+        x = nn.relu(conv("conv5", 128, 3, 1, 1)(x, shared_input=False))
+        x = _pool_towers(x)  # T,B,6,6,128
+        x = merge_towers(x).reshape(x.shape[1], -1)  # B, 6*6*256
+
+        dropout = nn.Dropout(self.dropout_rate, deterministic=not train)
+        x = dropout(nn.relu(TowerDense(scaled(2048, w), inits["fc6"], self.dtype, name="fc6")(x)))
+        x = merge_towers(x)
+        x = dropout(nn.relu(TowerDense(scaled(2048, w), inits["fc7"], self.dtype, name="fc7")(x)))
+        fc7 = merge_towers(x)
+        logits = nn.Dense(
+            self.num_classes,
+            kernel_init=inits["fc8"].kernel,
+            bias_init=nn.initializers.constant(inits["fc8"].bias_value),
+            dtype=self.dtype,
+            name="fc8",
+        )(fc7)
+        logits = logits.astype(jnp.float32)
+        if with_features:
+            return logits, fc7.astype(jnp.float32)
+        return logits
+
+
+def _pool_towers(x_T: jax.Array) -> jax.Array:
+    """Max-pool each tower's maps; the tower axis folds into the batch axis."""
+    t, b = x_T.shape[:2]
+    pooled = max_pool_3x3_s2(x_T.reshape(t * b, *x_T.shape[2:]))
+    return pooled.reshape(t, b, *pooled.shape[1:])
+
+
+def count_params(params: Any) -> int:
+    """Number of scalars in a parameter pytree."""
+    return sum(int(p.size) for p in jax.tree.leaves(params))
+

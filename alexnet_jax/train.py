@@ -1,0 +1,323 @@
+"""The train state, the pure train and eval steps, and the training loop."""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from alexnet_jax import checkpoint, config_lib, metrics, optim, sharding
+from alexnet_jax.data import demo, pipeline
+from alexnet_jax.model import AlexNet
+
+IMAGE_SHAPE = (pipeline.CROP_SIZE, pipeline.CROP_SIZE, 3)
+PREPARE_COMMAND = (
+    "python -m alexnet_jax.data.prepare --source=<ILSVRC tars | folder | tfds> "
+    "--output_dir={data_dir}"
+)
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes from one step to the next (the data iterator aside)."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # Base key; step t uses fold_in(rng, t).
+
+
+def build_model(config: ml_collections.ConfigDict) -> AlexNet:
+    m = config.model
+    return AlexNet(
+        num_classes=m.num_classes,
+        width=m.width,
+        dropout_rate=m.dropout_rate,
+        init_scheme=m.init_scheme,
+        use_lrn=m.use_lrn,
+    )
+
+
+def init_state(model: AlexNet, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+    """A fresh state; pure, so it can run under jit with sharded outputs."""
+    init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed))
+    images = jnp.zeros((1, *IMAGE_SHAPE), jnp.float32)
+    params = model.init({"params": init_rng}, images, train=False)["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
+        rng=train_rng,
+    )
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    model: AlexNet,
+    optimizer: optax.GradientTransformation,
+    learning_rate_fn: optax.Schedule,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One SGD step on the mean softmax cross-entropy of ``batch``."""
+    dropout_rng = jax.random.fold_in(state.rng, state.step)
+
+    def loss_fn(params):
+        logits = model.apply(
+            {"params": params}, batch["images"], train=True, rngs={"dropout": dropout_rng}
+        )
+        return metrics.cross_entropy(logits, batch["labels"]).mean(), logits
+
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    step_metrics = {
+        "loss": loss,
+        "top1_error": metrics.topk_errors(logits, batch["labels"], 1).mean(),
+        "top5_error": metrics.topk_errors(logits, batch["labels"], 5).mean(),
+        "learning_rate": learning_rate_fn(state.step),
+    }
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, step_metrics
+
+
+def eval_step(params: Any, batch: dict[str, jax.Array], *, model: AlexNet) -> dict[str, jax.Array]:
+    """Sums over the batch's real (``mask`` = 1) examples, so padded batches count right."""
+    logits = model.apply({"params": params}, batch["images"], train=False)
+    mask = batch["mask"]
+    return {
+        "loss": jnp.sum(metrics.cross_entropy(logits, batch["labels"]) * mask),
+        "top1_error": jnp.sum(metrics.topk_errors(logits, batch["labels"], 1) * mask),
+        "top5_error": jnp.sum(metrics.topk_errors(logits, batch["labels"], 5) * mask),
+        "count": jnp.sum(mask),
+    }
+
+
+def pad_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    """Pads a short final batch to ``size`` and adds a 0/1 ``mask``."""
+    n = len(batch["labels"])
+    padded = {k: np.concatenate([v, np.zeros((size - n, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
+    padded["mask"] = (np.arange(size) < n).astype(np.float32)
+    return padded
+
+
+def evaluate(
+    params: Any,
+    eval_fn: Any,
+    dataset: pipeline.Dataset,
+    mesh: jax.sharding.Mesh,
+    config: ml_collections.ConfigDict,
+) -> dict[str, float]:
+    """Mean loss and top-1/top-5 error over the validation split (centre crop)."""
+    local_batch = config.eval_batch_size // jax.process_count()
+    totals: dict[str, float] = {}
+    for local in pipeline.eval_iterator(
+        dataset,
+        batch_size=config.eval_batch_size,
+        num_workers=config.data.num_workers,
+        num_threads=config.data.num_threads,
+        input_scale=config.data.input_scale,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    ):
+        sums = jax.device_get(eval_fn(params, sharding.global_batch(mesh, pad_batch(local, local_batch))))
+        for k, v in sums.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    count = max(totals.pop("count", 0.0), 1.0)
+    return {k: v / count for k, v in totals.items()}
+
+
+def load_dataset(config: ml_collections.ConfigDict) -> pipeline.Dataset:
+    """The config's dataset, generated first for the demo; fails clearly when absent."""
+    if config.data.source == "demo":
+        demo.ensure(
+            config.data.dir,
+            train_per_class=config.data.demo_train_per_class,
+            val_per_class=config.data.demo_val_per_class,
+            seed=0,
+        )
+    data_dir = os.path.expanduser(config.data.dir)
+    dataset = pipeline.open_dataset(
+        data_dir, how_to_prepare=PREPARE_COMMAND.format(data_dir=data_dir)
+    )
+    if dataset.num_classes != config.model.num_classes:
+        raise config_lib.ConfigError(
+            f"config.model.num_classes = {config.model.num_classes} but the dataset in "
+            f"{data_dir} has {dataset.num_classes} classes"
+        )
+    return dataset
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains (resuming from ``workdir`` if it holds a checkpoint); returns the last eval metrics."""
+    config_lib.validate(config)
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    os.makedirs(workdir, exist_ok=True)
+    is_main = jax.process_index() == 0
+
+    mesh = sharding.make_mesh(config.mesh_shape)
+    data_size = mesh.shape[sharding.DATA_AXIS]
+    for field in ("batch_size", "eval_batch_size"):
+        if config[field] % data_size:
+            raise config_lib.ConfigError(
+                f"config.{field} = {config[field]} must be divisible by the mesh's data axis "
+                f"({data_size} devices)"
+            )
+
+    dataset = load_dataset(config)
+    steps_per_epoch = dataset.num_examples("train") // config.batch_size
+    if steps_per_epoch == 0:
+        raise config_lib.ConfigError(
+            f"config.batch_size = {config.batch_size} exceeds the "
+            f"{dataset.num_examples('train')} training images"
+        )
+    total_steps = (
+        config.max_steps if config.max_steps > 0 else math.ceil(config.num_epochs * steps_per_epoch)
+    )
+    eval_every_steps = max(1, round(config.eval_every_epochs * steps_per_epoch))
+
+    model = build_model(config)
+    learning_rate_fn = optim.learning_rate_schedule(config)
+    optimizer = optim.make_optimizer(config)
+
+    init_fn = functools.partial(init_state, model, optimizer, config.seed)
+    abstract_state = jax.eval_shape(init_fn)
+    state_shardings = sharding.state_shardings(mesh, abstract_state)
+    batch_shardings = sharding.batch_sharding(mesh)
+
+    train_fn = jax.jit(
+        functools.partial(
+            train_step, model=model, optimizer=optimizer, learning_rate_fn=learning_rate_fn
+        ),
+        in_shardings=(state_shardings, batch_shardings),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+    eval_fn = jax.jit(
+        functools.partial(eval_step, model=model),
+        in_shardings=(state_shardings.params, batch_shardings),
+        out_shardings=sharding.replicated(mesh),
+    )
+
+    train_iter = pipeline.train_iterator(
+        dataset,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        num_workers=config.data.num_workers,
+        num_threads=config.data.num_threads,
+        input_scale=config.data.input_scale,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    ckpt = checkpoint.Checkpointer(
+        workdir, save_every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints
+    )
+    latest = ckpt.latest_step()
+    if latest is not None:
+        abstract_sharded = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            abstract_state,
+            state_shardings,
+        )
+        state = ckpt.restore(latest, abstract_sharded, train_iter)
+        logging.info("Resumed from the checkpoint at step %d in %s", latest, ckpt.directory)
+    else:
+        state = jax.jit(init_fn, out_shardings=state_shardings)()
+        logging.info("Initialized a new model (%s init)", config.model.init_scheme)
+
+    writer = metrics.MetricWriter(workdir, enabled=is_main)
+    start_step = int(jax.device_get(state.step))
+    logging.info(
+        "Training steps %d..%d (%d steps/epoch of %d images, %d epochs) on %s",
+        start_step,
+        total_steps,
+        steps_per_epoch,
+        config.batch_size,
+        total_steps / steps_per_epoch,
+        dict(mesh.shape),
+    )
+
+    pending: list[dict[str, jax.Array]] = []
+    window_start_time, window_start_step = time.time(), start_step
+    timing_start: tuple[float, int] | None = None
+    eval_metrics: dict[str, float] = {}
+    step = start_step
+    while step < total_steps:
+        batch = sharding.global_batch(mesh, next(train_iter))
+        state, step_metrics = train_fn(state, batch)
+        pending.append(step_metrics)
+        step += 1
+        if step == start_step + 1:
+            # The first step includes compilation: time the rest from here.
+            jax.block_until_ready(step_metrics)
+            logging.info("First step (with compilation) took %.1fs", time.time() - window_start_time)
+            window_start_time, window_start_step = time.time(), step
+            timing_start = (window_start_time, step)
+            pending.clear()
+            continue
+
+        if step % config.log_every_steps == 0 or step == total_steps:
+            fetched = jax.device_get(pending)
+            pending.clear()
+            means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+            if not math.isfinite(means["loss"]):
+                raise FloatingPointError(f"Loss is {means['loss']} at step {step}: stopping")
+            now = time.time()
+            images_per_sec = (step - window_start_step) * config.batch_size / max(now - window_start_time, 1e-9)
+            window_start_time, window_start_step = now, step
+            done_time, done_step = timing_start
+            seconds_per_step = (now - done_time) / max(step - done_step, 1)
+            means["images_per_sec"] = images_per_sec
+            writer.write(step, "train", means)
+            logging.info(
+                "step %d/%d  epoch %.2f  loss %.4f  top1_err %.3f  top5_err %.3f  lr %.2g  "
+                "%.1f img/s  ETA %s",
+                step,
+                total_steps,
+                step / steps_per_epoch,
+                means["loss"],
+                means["top1_error"],
+                means["top5_error"],
+                means["learning_rate"],
+                images_per_sec,
+                _format_eta(seconds_per_step * (total_steps - step)),
+            )
+
+        if step % eval_every_steps == 0 or step == total_steps:
+            eval_start = time.time()
+            eval_metrics = evaluate(state.params, eval_fn, dataset, mesh, config)
+            writer.write(step, "val", eval_metrics)
+            logging.info(
+                "eval at step %d (epoch %.2f): loss %.4f  top1_err %.4f  top5_err %.4f  (%.1fs)",
+                step,
+                step / steps_per_epoch,
+                eval_metrics["loss"],
+                eval_metrics["top1_error"],
+                eval_metrics["top5_error"],
+                time.time() - eval_start,
+            )
+            window_start_time += time.time() - eval_start  # Keep eval out of img/s.
+
+        ckpt.maybe_save(step, state, train_iter, force=step == total_steps)
+
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+    return eval_metrics

@@ -1,0 +1,46 @@
+"""Defaults shared by every experiment; each config file overrides what differs.
+
+Every knob is here, with its default and a one-line comment, so a locked
+config rejects a misspelt override.
+"""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0  # Seeds parameters, dropout and the data order.
+
+    config.data = ml_collections.ConfigDict()
+    config.data.source = "prepared"  # "demo" (generated on first use) or "prepared" (ArrayRecord).
+    config.data.dir = "~/data/imagenet2012_prepared"  # Where the prepared dataset lives.
+    config.data.demo_train_per_class = 300  # Demo only: generated training images per class.
+    config.data.demo_val_per_class = 50  # Demo only: generated validation images per class.
+    config.data.num_workers = 0  # grain worker processes for decoding and augmentation; 0 = none.
+    config.data.num_threads = 2  # grain reader threads per process (PIL decodes without the GIL).
+    config.data.input_scale = 1.0  # Multiplies mean-subtracted pixels; the paper feeds 0-255 (1.0).
+
+    config.model = ml_collections.ConfigDict()
+    config.model.num_classes = 1000  # Must match the dataset's class count.
+    config.model.width = 1.0  # Multiplies every layer's channel count; 1.0 is the paper's net.
+    config.model.init_scheme = "paper"  # "paper" (N(0,0.01), bias 1) or "he" (variance scaling, bias 0.1).
+    config.model.dropout_rate = 0.5  # On fc6 and fc7 outputs during training.
+    config.model.use_lrn = True  # Local response normalization after conv1 and conv2.
+
+    config.batch_size = 128  # Global batch, split over the mesh's data axis.
+    config.eval_batch_size = 256  # Global batch for validation.
+    config.num_epochs = 90  # Training length in epochs.
+    config.max_steps = -1  # Stop after this many steps if > 0 (overrides num_epochs).
+    config.learning_rate = 0.01  # Base learning rate.
+    config.schedule = "constant"  # Learning-rate schedule.
+    config.momentum = 0.9  # SGD momentum.
+    config.weight_decay = 5e-4  # Applied to all weights, as in the paper.
+    config.weight_decay_on_biases = True  # The paper decays biases too.
+
+    config.mesh_shape = (-1, 1)  # (data, tower) device mesh; -1 takes the remaining devices.
+
+    config.log_every_steps = 50  # Log a progress line (and write metrics) this often.
+    config.eval_every_epochs = 1  # Evaluate on the validation split this often (and at the end).
+    config.checkpoint_every_steps = 1000  # Save a checkpoint this often (and at the end).
+    config.keep_checkpoints = 3  # Keep this many most recent checkpoints.
+    return config

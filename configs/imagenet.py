@@ -1,0 +1,26 @@
+"""The paper's run: ILSVRC-2012, batch 128, lr 0.01, momentum 0.9, wd 5e-4, 90 epochs.
+
+    python launch.py --config=configs/imagenet.py --workdir=/path/to/workdir \
+        --config.data.dir=/path/to/imagenet2012_prepared
+
+The paper reports 40.7% top-1 / 18.2% top-5 error on the validation set for
+one model, after 5-6 days on two GTX 580 GPUs.
+"""
+
+from configs import common
+
+
+def get_config():
+    config = common.base_config()
+    config.data.source = "prepared"
+    config.data.dir = "~/data/imagenet2012_prepared"
+    config.model.num_classes = 1000
+    config.model.init_scheme = "paper"
+    config.batch_size = 128
+    config.num_epochs = 90
+    config.learning_rate = 0.01
+    config.momentum = 0.9
+    config.weight_decay = 5e-4
+    config.log_every_steps = 100
+    config.checkpoint_every_steps = 2000
+    return config

@@ -1,0 +1,48 @@
+"""Entry point: parses the config and workdir, then trains.
+
+    python launch.py --config=configs/demo.py --workdir=/tmp/alexnet_demo --config.batch_size=32
+"""
+
+import logging as std_logging
+import sys
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from alexnet_jax import config_lib, train
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, e.g. configs/demo.py.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietLibraries(std_logging.Filter):
+    """Drops orbax's per-save INFO chatter; its warnings and errors still show."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    logging.info(
+        "JAX process %d/%d, local devices: %s",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_devices(),
+    )
+    try:
+        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except (config_lib.ConfigError, FileNotFoundError) as e:
+        logging.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)

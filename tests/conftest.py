@@ -1,0 +1,39 @@
+"""Shared fixtures: a tiny generated dataset and a tiny config, so tests need no downloads."""
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+SHARED_SAMPLES = os.path.join(ROOT, "..", "shared", "imagenet-samples")
+
+
+@pytest.fixture(scope="session")
+def tiny_demo_dir(tmp_path_factory):
+    """A 10-class demo dataset with 8 training and 2 validation images per class."""
+    from alexnet_jax.data import demo
+
+    data_dir = str(tmp_path_factory.mktemp("demo_data"))
+    demo.generate(data_dir, train_per_class=8, val_per_class=2, seed=0)
+    return data_dir
+
+
+def tiny_config(data_dir: str):
+    """The demo config at 1/16 width on a tiny dataset: seconds per step on CPU."""
+    from configs import demo as demo_config
+
+    config = demo_config.get_config()
+    config.data.dir = data_dir
+    config.data.demo_train_per_class = 8
+    config.data.demo_val_per_class = 2
+    config.data.num_threads = 1
+    config.model.width = 1 / 16
+    config.batch_size = 16
+    config.eval_batch_size = 20
+    config.log_every_steps = 2
+    config.checkpoint_every_steps = 2
+    return config
