@@ -17,7 +17,8 @@ def topk_errors(logits_BxK: jax.Array, labels_B: jax.Array, k: int) -> jax.Array
     label_logit = jnp.take_along_axis(logits_BxK, labels_B[:, None], axis=-1)
     # Rank = number of classes scoring strictly higher than the label.
     rank = jnp.sum(logits_BxK > label_logit, axis=-1)
-    return (rank >= k).astype(jnp.float32)
+    # A NaN logit compares false everywhere: count it as an error, not a hit.
+    return ((rank >= k) | jnp.isnan(label_logit[:, 0])).astype(jnp.float32)
 
 
 def cross_entropy(logits_BxK: jax.Array, labels_B: jax.Array) -> jax.Array:

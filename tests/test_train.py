@@ -1,0 +1,130 @@
+"""The train step learns; launch.py trains, checkpoints, resumes and rejects bad overrides."""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from alexnet_jax import optim, train
+from alexnet_jax.data import pipeline
+from tests.conftest import ROOT, tiny_config
+
+
+def test_train_step_lowers_the_loss_on_a_fixed_batch(tiny_demo_dir):
+    config = tiny_config(tiny_demo_dir)
+    config.model.dropout_rate = 0.0
+    net = train.build_model(config)
+    optimizer = optim.make_optimizer(config)
+    state = train.init_state(net, optimizer, seed=0)
+    dataset = pipeline.open_dataset(tiny_demo_dir, how_to_prepare="(test data)")
+    batch = next(
+        pipeline.train_iterator(dataset, batch_size=16, seed=0, num_threads=1, input_scale=1 / 64)
+    )
+    step = jax.jit(
+        functools.partial(
+            train.train_step,
+            model=net,
+            optimizer=optimizer,
+            learning_rate_fn=optim.learning_rate_schedule(config),
+        )
+    )
+    losses = []
+    for _ in range(12):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert int(state.step) == 12
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert float(metrics["learning_rate"]) == pytest.approx(config.learning_rate)
+
+
+def test_eval_step_ignores_padding():
+    batch = {"images": np.ones((3, 2, 2, 3), np.float32), "labels": np.arange(3, dtype=np.int32)}
+    padded = train.pad_batch(batch, 5)
+    assert padded["images"].shape == (5, 2, 2, 3)
+    np.testing.assert_array_equal(padded["mask"], [1, 1, 1, 0, 0])
+    np.testing.assert_array_equal(padded["labels"][:3], [0, 1, 2])
+
+
+def _launch(*args, timeout=600):
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "launch.py"), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _tiny_overrides(data_dir, workdir, max_steps):
+    return [
+        "--config=configs/demo.py",
+        f"--workdir={workdir}",
+        f"--config.data.dir={data_dir}",
+        "--config.data.demo_train_per_class=8",
+        "--config.data.demo_val_per_class=2",
+        "--config.data.num_threads=1",
+        "--config.model.width=0.0625",
+        "--config.batch_size=16",
+        "--config.eval_batch_size=20",
+        "--config.log_every_steps=1",
+        "--config.checkpoint_every_steps=3",
+        f"--config.max_steps={max_steps}",
+    ]
+
+
+def _rows(workdir, split):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["split"] == split]
+
+
+def test_launch_trains_checkpoints_and_resumes(tiny_demo_dir, tmp_path):
+    workdir = str(tmp_path / "run")
+    first = _launch(*_tiny_overrides(tiny_demo_dir, workdir, max_steps=3))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", "3"))
+    train_rows = _rows(workdir, "train")
+    assert [r["step"] for r in train_rows] == [1, 2, 3]
+    assert all(np.isfinite(r["loss"]) and 0 <= r["top1_error"] <= 1 for r in train_rows)
+    assert any(r["split"] == "val" for r in map(json.loads, open(os.path.join(workdir, "metrics.jsonl"))))
+    assert os.listdir(os.path.join(workdir, "tensorboard"))
+
+    second = _launch(*_tiny_overrides(tiny_demo_dir, workdir, max_steps=5))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "Resumed from the checkpoint at step 3" in second.stderr
+    # The second launch's first step is step 4, not a restart at 1.
+    assert [r["step"] for r in _rows(workdir, "train")] == [1, 2, 3, 4, 5]
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", "5"))
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("--config.batch_szie=3", "batch_szie"),
+        ("--config.batch_size=abc", "batch_size"),
+        ("--config.model.init_scheme=xavier", "model.init_scheme"),
+    ],
+)
+def test_bad_override_fails_at_once_naming_the_field(override, named, tmp_path):
+    result = _launch("--config=configs/demo.py", f"--workdir={tmp_path}", override, timeout=120)
+    assert result.returncode != 0
+    assert named in result.stderr
+    assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
+
+
+def test_missing_prepared_data_names_the_prepare_command(tmp_path):
+    result = _launch(
+        "--config=configs/imagenet.py",
+        f"--workdir={tmp_path / 'w'}",
+        f"--config.data.dir={tmp_path / 'nowhere'}",
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "alexnet_jax.data.prepare" in result.stderr
+    assert str(tmp_path / "nowhere") in result.stderr
