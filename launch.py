@@ -10,7 +10,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from alexnet_jax import config_lib, train
+from alexnet_jax import checkpoint, config_lib, train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/demo.py.", lock_config=True
@@ -38,7 +38,13 @@ def main(argv):
     )
     try:
         train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (config_lib.ConfigError, FileNotFoundError) as e:
+    except (
+        config_lib.ConfigError,
+        FileNotFoundError,
+        checkpoint.WorkdirInUseError,
+        checkpoint.NoUsableCheckpointError,
+        FloatingPointError,
+    ) as e:
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -42,6 +42,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(c.num_epochs > 0, "num_epochs", c.num_epochs, "a number > 0")
     _check(c.learning_rate > 0, "learning_rate", c.learning_rate, "a number > 0")
     _check(c.schedule in optim.SCHEDULES, "schedule", c.schedule, f"one of {optim.SCHEDULES}")
+    _check(0 < c.lr_decay_factor < 1, "lr_decay_factor", c.lr_decay_factor, "a number in (0, 1)")
+    _check(c.plateau_patience >= 1, "plateau_patience", c.plateau_patience, "an integer >= 1")
+    _check(
+        c.plateau_max_reductions >= 0,
+        "plateau_max_reductions",
+        c.plateau_max_reductions,
+        "an integer >= 0",
+    )
+    _check(c.plateau_min_delta >= 0, "plateau_min_delta", c.plateau_min_delta, "a number >= 0")
+    _check(
+        all(e > 0 for e in c.lr_step_epochs) and list(c.lr_step_epochs) == sorted(c.lr_step_epochs),
+        "lr_step_epochs",
+        c.lr_step_epochs,
+        "increasing epochs > 0, e.g. (30, 60, 80)",
+    )
+    _check(c.warmup_epochs >= 0, "warmup_epochs", c.warmup_epochs, "a number >= 0")
     _check(0 <= c.momentum < 1, "momentum", c.momentum, "a number in [0, 1)")
     _check(c.weight_decay >= 0, "weight_decay", c.weight_decay, "a number >= 0")
     _check(

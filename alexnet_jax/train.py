@@ -35,6 +35,7 @@ class TrainState:
     params: Any
     opt_state: Any
     rng: jax.Array  # Base key; step t uses fold_in(rng, t).
+    schedule: optim.ScheduleState  # The plateau rule's memory (learning-rate scale, best error).
 
 
 def build_model(config: ml_collections.ConfigDict) -> AlexNet:
@@ -58,6 +59,7 @@ def init_state(model: AlexNet, optimizer: optax.GradientTransformation, seed: in
         params=params,
         opt_state=optimizer.init(params),
         rng=train_rng,
+        schedule=optim.init_schedule_state(),
     )
 
 
@@ -79,13 +81,15 @@ def train_step(
         return metrics.cross_entropy(logits, batch["labels"]).mean(), logits
 
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    learning_rate = optim.scaled_learning_rate(learning_rate_fn, state.step, state.schedule)
+    opt_state = optim.with_learning_rate(state.opt_state, learning_rate)
+    updates, opt_state = optimizer.update(grads, opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     step_metrics = {
         "loss": loss,
         "top1_error": metrics.topk_errors(logits, batch["labels"], 1).mean(),
         "top5_error": metrics.topk_errors(logits, batch["labels"], 5).mean(),
-        "learning_rate": learning_rate_fn(state.step),
+        "learning_rate": learning_rate,
     }
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, step_metrics
@@ -165,11 +169,39 @@ def _format_eta(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
+def _stop_if_not_finite(
+    losses: list[float], first_step: int, ckpt: checkpoint.Checkpointer
+) -> None:
+    """Raises FloatingPointError naming the first step whose loss is NaN or inf."""
+    for i, loss in enumerate(losses):
+        if not math.isfinite(loss):
+            ckpt.wait()  # Saves already under way hold finite states: let them finish.
+            raise FloatingPointError(
+                f"Loss is {loss} at step {first_step + i}: stopping. The last good checkpoint "
+                f"(step {ckpt.latest_step()}) is kept in {ckpt.directory}; relaunching resumes "
+                "from it (consider a lower learning rate)."
+            )
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Trains (resuming from ``workdir`` if it holds a checkpoint); returns the last eval metrics."""
+    """Trains (resuming from ``workdir`` if it holds a checkpoint); returns the last eval metrics.
+
+    Holds the workdir's lock throughout (a second run into it fails at once),
+    and turns SIGTERM into "save at the next step boundary and return".
+    """
     config_lib.validate(config)
     workdir = os.path.abspath(os.path.expanduser(workdir))
     os.makedirs(workdir, exist_ok=True)
+    with (
+        checkpoint.WorkdirLock(workdir, jax.process_index()),
+        checkpoint.StopSignal(multi_process=jax.process_count() > 1) as stop_signal,
+    ):
+        return _train_and_evaluate(config, workdir, stop_signal)
+
+
+def _train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, stop_signal: checkpoint.StopSignal
+) -> dict[str, float]:
     is_main = jax.process_index() == 0
 
     mesh = sharding.make_mesh(config.mesh_shape)
@@ -194,8 +226,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     eval_every_steps = max(1, round(config.eval_every_epochs * steps_per_epoch))
 
     model = build_model(config)
-    learning_rate_fn = optim.learning_rate_schedule(config)
+    learning_rate_fn = optim.learning_rate_schedule(
+        config, steps_per_epoch=steps_per_epoch, total_steps=total_steps
+    )
     optimizer = optim.make_optimizer(config)
+    observe_validation_error = jax.jit(
+        lambda schedule, error: optim.observe_validation_error(schedule, error, config)
+    )
 
     init_fn = functools.partial(init_state, model, optimizer, config.seed)
     abstract_state = jax.eval_shape(init_fn)
@@ -229,14 +266,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ckpt = checkpoint.Checkpointer(
         workdir, save_every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints
     )
-    latest = ckpt.latest_step()
-    if latest is not None:
-        abstract_sharded = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            abstract_state,
-            state_shardings,
-        )
-        state = ckpt.restore(latest, abstract_sharded, train_iter)
+    abstract_sharded = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract_state,
+        state_shardings,
+    )
+    # The newest checkpoint that restores (older ones if it is damaged), after checking
+    # that the config does not change the model.
+    restored = ckpt.restore_latest_usable(abstract_sharded, train_iter, config)
+    if restored is not None:
+        latest, state = restored
         logging.info("Resumed from the checkpoint at step %d in %s", latest, ckpt.directory)
     else:
         state = jax.jit(init_fn, out_shardings=state_shardings)()
@@ -276,9 +315,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if step % config.log_every_steps == 0 or step == total_steps:
             fetched = jax.device_get(pending)
             pending.clear()
+            _stop_if_not_finite([float(m["loss"]) for m in fetched], step - len(fetched) + 1, ckpt)
             means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-            if not math.isfinite(means["loss"]):
-                raise FloatingPointError(f"Loss is {means['loss']} at step {step}: stopping")
             now = time.time()
             images_per_sec = (step - window_start_step) * config.batch_size / max(now - window_start_time, 1e-9)
             window_start_time, window_start_step = now, step
@@ -300,10 +338,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 _format_eta(seconds_per_step * (total_steps - step)),
             )
 
-        if step % eval_every_steps == 0 or step == total_steps:
+        evaluated = step % eval_every_steps == 0 or step == total_steps
+        if evaluated:
             eval_start = time.time()
             eval_metrics = evaluate(state.params, eval_fn, dataset, mesh, config)
             writer.write(step, "val", eval_metrics)
+            old_schedule = jax.device_get(state.schedule)
+            state = state.replace(
+                schedule=observe_validation_error(state.schedule, eval_metrics["top1_error"])
+            )
+            new_schedule = jax.device_get(state.schedule)
+            if new_schedule.num_reductions > old_schedule.num_reductions:
+                logging.info(
+                    "Validation error has not improved for %d evaluations: learning rate x%g "
+                    "(drop %d of at most %d)",
+                    config.plateau_patience,
+                    config.lr_decay_factor,
+                    new_schedule.num_reductions,
+                    config.plateau_max_reductions,
+                )
             logging.info(
                 "eval at step %d (epoch %.2f): loss %.4f  top1_err %.4f  top5_err %.4f  (%.1fs)",
                 step,
@@ -315,7 +368,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             )
             window_start_time += time.time() - eval_start  # Keep eval out of img/s.
 
-        ckpt.maybe_save(step, state, train_iter, force=step == total_steps)
+        # Save on the interval, after each evaluation (ranked by its error, so the best
+        # is kept), at the end, and when SIGTERM asked to stop; never a non-finite state.
+        stop = stop_signal.should_stop(step)
+        force = evaluated or stop or step == total_steps
+        if force or ckpt.should_save(step):
+            losses = jax.device_get([m["loss"] for m in pending])
+            _stop_if_not_finite([float(x) for x in losses], step - len(pending) + 1, ckpt)
+            if not bool(checkpoint.all_finite(state.params)):
+                ckpt.wait()
+                raise FloatingPointError(
+                    f"Parameters are not finite after step {step}: stopping. The last good "
+                    f"checkpoint (step {ckpt.latest_step()}) is kept in {ckpt.directory}."
+                )
+            val = {f"val_{k}": v for k, v in eval_metrics.items()} if evaluated else None
+            ckpt.maybe_save(step, state, train_iter, config=config, metrics=val, force=True)
+        if stop:
+            ckpt.wait()
+            logging.warning(
+                "SIGTERM: saved the checkpoint at step %d and stopped; relaunch to continue", step
+            )
+            break
 
     ckpt.wait()
     ckpt.close()

@@ -32,7 +32,13 @@ def base_config() -> ml_collections.ConfigDict:
     config.num_epochs = 90  # Training length in epochs.
     config.max_steps = -1  # Stop after this many steps if > 0 (overrides num_epochs).
     config.learning_rate = 0.01  # Base learning rate.
-    config.schedule = "constant"  # Learning-rate schedule.
+    config.schedule = "constant"  # "constant", "plateau" (the paper's), "step" or "warmup_cosine".
+    config.lr_decay_factor = 0.1  # plateau and step: multiply the learning rate by this per drop.
+    config.plateau_patience = 3  # plateau: evaluations without improvement before a drop.
+    config.plateau_max_reductions = 3  # plateau: at most this many drops (the paper made 3).
+    config.plateau_min_delta = 0.0  # plateau: a new best must beat the old val top-1 by more.
+    config.lr_step_epochs = (30, 60, 80)  # step: epochs at which the learning rate drops.
+    config.warmup_epochs = 5.0  # warmup_cosine: linear warmup from 0, then cosine decay to 0.
     config.momentum = 0.9  # SGD momentum.
     config.weight_decay = 5e-4  # Applied to all weights, as in the paper.
     config.weight_decay_on_biases = True  # The paper decays biases too.
@@ -42,5 +48,5 @@ def base_config() -> ml_collections.ConfigDict:
     config.log_every_steps = 50  # Log a progress line (and write metrics) this often.
     config.eval_every_epochs = 1  # Evaluate on the validation split this often (and at the end).
     config.checkpoint_every_steps = 1000  # Save a checkpoint this often (and at the end).
-    config.keep_checkpoints = 3  # Keep this many most recent checkpoints.
+    config.keep_checkpoints = 3  # Keep this many latest checkpoints (and the best by val error).
     return config

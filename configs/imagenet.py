@@ -19,8 +19,13 @@ def get_config():
     config.batch_size = 128
     config.num_epochs = 90
     config.learning_rate = 0.01
+    config.schedule = "plateau"  # Sec. 5: /10 when the val error stops improving, 3 times.
+    config.plateau_patience = 3  # Evaluations (epochs) without a new best before a drop.
+    config.plateau_max_reductions = 3
+    config.lr_decay_factor = 0.1
     config.momentum = 0.9
     config.weight_decay = 5e-4
+    config.weight_decay_on_biases = True  # The paper decays all weights.
     config.log_every_steps = 100
     config.checkpoint_every_steps = 2000
     return config

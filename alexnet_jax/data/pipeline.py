@@ -2,7 +2,12 @@
 
 Every random choice comes from grain's per-record generator (seeded by the
 config seed and the record's position), so batches are the same whatever the
-number of worker processes, and the iterator state can be checkpointed.
+number of threads or worker processes, and the iterator state can be
+checkpointed: a restored iterator continues with exactly the next batch.
+
+Threads decode in parallel (PIL releases the GIL) and a prefetch buffer keeps
+records ready; worker processes (``num_workers``) are optional because on a
+small CPU host they compete with XLA for cores.
 """
 
 from __future__ import annotations
@@ -13,12 +18,16 @@ import os
 from typing import Any
 
 import grain
+import ml_collections
 import numpy as np
 from PIL import Image
 
-from alexnet_jax.data import records
+from alexnet_jax.data import augment, records
 
-CROP_SIZE = 224
+CROP_SIZE = augment.CROP_SIZE
+MEAN_SUBTRACTION_MODES = ("image", "channel")
+PCA_STATS_SOURCES = ("prepared", "paper")
+DTYPES = ("float32", "bfloat16")
 
 
 class DatasetMissingError(FileNotFoundError):
@@ -51,6 +60,13 @@ class Dataset:
     def mean_image(self) -> np.ndarray:
         return np.load(os.path.join(self.data_dir, self.metadata["mean_image_file"]))
 
+    def rgb_eigen(self) -> tuple[np.ndarray, np.ndarray]:
+        """RGB eigenvalues (descending) and eigenvectors (columns) of the training set, [0, 1]."""
+        return (
+            np.asarray(self.metadata["rgb_eigenvalues"], np.float64),
+            np.asarray(self.metadata["rgb_eigenvectors"], np.float64),
+        )
+
 
 def open_dataset(data_dir: str, *, how_to_prepare: str) -> Dataset:
     """Opens a prepared dataset, or fails naming the directory and the command that makes it."""
@@ -67,51 +83,133 @@ def open_dataset(data_dir: str, *, how_to_prepare: str) -> Dataset:
 def decode_jpeg(jpeg: bytes) -> np.ndarray:
     """JPEG bytes -> uint8 H x W x 3."""
     with Image.open(io.BytesIO(jpeg)) as image:
-        return np.asarray(image.convert("RGB"))
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        return np.asarray(image)
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """ "float32" or "bfloat16" as a NumPy dtype (bfloat16 from ml_dtypes, as JAX uses)."""
+    if name == "float32":
+        return np.dtype(np.float32)
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    raise ValueError(f"dtype {name!r} is not one of {DTYPES}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """How pixels become network inputs: what to subtract, colour noise, scale, dtype."""
+
+    mean: np.ndarray  # 256 x 256 x 3 float32, subtracted from every image.
+    eigenvalues: np.ndarray | None  # RGB PCA on the [0, 1] scale; None turns PCA noise off.
+    eigenvectors: np.ndarray | None
+    pca_std: float = augment.PCA_STD
+    scale: float = 1.0  # Multiplies mean-subtracted pixels.
+    dtype: str = "float32"
+    crop_size: int = CROP_SIZE
+
+    @classmethod
+    def from_config(cls, data: ml_collections.ConfigDict, dataset: Dataset) -> Preprocessing:
+        """Resolves ``config.data``'s choices against ``dataset``'s statistics."""
+        mean = augment.mean_for_subtraction(dataset.mean_image(), data.mean_subtraction)
+        eigenvalues = eigenvectors = None
+        if data.pca_colour:
+            if data.pca_stats == "prepared":
+                eigenvalues, eigenvectors = dataset.rgb_eigen()
+            else:
+                eigenvalues, eigenvectors = augment.PAPER_EIGENVALUES, augment.PAPER_EIGENVECTORS
+        return cls(
+            mean=mean,
+            eigenvalues=eigenvalues,
+            eigenvectors=eigenvectors,
+            pca_std=data.pca_std,
+            scale=data.input_scale,
+            dtype=data.dtype,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainTransform(grain.transforms.RandomMap):
-    """Sec. 4.1: a random 224x224 patch and, half the time, its mirror image."""
+    """Sec. 4.1: random patch, mirror, mean subtraction, PCA colour noise."""
 
-    mean_image: np.ndarray  # 256 x 256 x 3 float32, subtracted before cropping
-    input_scale: float = 1.0  # Multiplies the mean-subtracted pixels (the paper: 1).
-    crop_size: int = CROP_SIZE
+    preprocessing: Preprocessing
 
     def random_map(self, record: bytes, rng: np.random.Generator) -> dict[str, Any]:
+        p = self.preprocessing
         example = records.decode_example(record)
-        image = decode_jpeg(example["image"]).astype(np.float32) - self.mean_image
-        image *= self.input_scale
-        h, w = image.shape[:2]
-        top = int(rng.integers(0, h - self.crop_size + 1))
-        left = int(rng.integers(0, w - self.crop_size + 1))
-        image = image[top : top + self.crop_size, left : left + self.crop_size]
-        if rng.random() < 0.5:
-            image = image[:, ::-1]
-        return {"images": np.ascontiguousarray(image), "labels": np.int32(example["label"])}
+        image = augment.train_augment(
+            decode_jpeg(example["image"]),
+            rng,
+            mean=p.mean,
+            eigenvalues=p.eigenvalues,
+            eigenvectors=p.eigenvectors,
+            pca_std=p.pca_std,
+            crop_size=p.crop_size,
+            scale=p.scale,
+            dtype=numpy_dtype(p.dtype),
+        )
+        return {"images": image, "labels": np.int32(example["label"])}
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalTransform(grain.transforms.Map):
-    """The central 224x224 patch, mean-subtracted."""
+    """The central patch, mean-subtracted: images are crop x crop x 3."""
 
-    mean_image: np.ndarray
-    input_scale: float = 1.0
-    crop_size: int = CROP_SIZE
+    preprocessing: Preprocessing
 
     def map(self, record: bytes) -> dict[str, Any]:
+        p = self.preprocessing
         example = records.decode_example(record)
-        image = decode_jpeg(example["image"]).astype(np.float32) - self.mean_image
-        image *= self.input_scale
-        h, w = image.shape[:2]
-        top, left = (h - self.crop_size) // 2, (w - self.crop_size) // 2
-        image = image[top : top + self.crop_size, left : left + self.crop_size]
-        return {"images": np.ascontiguousarray(image), "labels": np.int32(example["label"])}
+        image = augment.center_crop(
+            decode_jpeg(example["image"]),
+            mean=p.mean,
+            crop_size=p.crop_size,
+            scale=p.scale,
+            dtype=numpy_dtype(p.dtype),
+        )
+        return {"images": image, "labels": np.int32(example["label"])}
 
 
-def _to_iter(ds: grain.MapDataset, num_workers: int, num_threads: int) -> grain.IterDataset:
-    """Threads (PIL decodes without the GIL) and, optionally, worker processes."""
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2))
+@dataclasses.dataclass(frozen=True)
+class TenCropTransform(grain.transforms.Map):
+    """The paper's ten test patches: 10 x crop x crop x 3, in augment.TEN_CROP_POSITIONS order."""
+
+    preprocessing: Preprocessing
+
+    def map(self, record: bytes) -> dict[str, Any]:
+        p = self.preprocessing
+        example = records.decode_example(record)
+        image = augment.ten_crop(
+            decode_jpeg(example["image"]),
+            mean=p.mean,
+            crop_size=p.crop_size,
+            scale=p.scale,
+            dtype=numpy_dtype(p.dtype),
+        )
+        return {"images": image, "labels": np.int32(example["label"])}
+
+
+def _batched_iter(
+    ds: grain.MapDataset,
+    *,
+    batch_size: int,
+    drop_remainder: bool,
+    num_workers: int,
+    num_threads: int,
+    prefetch: int,
+) -> grain.IterDataset:
+    """Threads decode single records into a prefetch buffer; batches are stacked after.
+
+    Parallelism over records (not whole batches) keeps every thread busy for
+    any batch size; ``num_workers`` > 0 adds worker processes on top.
+    ``prefetch`` counts records; 0 means two batches' worth.
+    """
+    buffer = prefetch if prefetch > 0 else 2 * batch_size
+    read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(buffer, num_threads))
+    it = ds.to_iter_dataset(read).batch(batch_size, drop_remainder=drop_remainder)
     if num_workers > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return it
@@ -122,9 +220,10 @@ def train_iterator(
     *,
     batch_size: int,
     seed: int,
+    preprocessing: Preprocessing,
     num_workers: int = 0,
     num_threads: int = 2,
-    input_scale: float = 1.0,
+    prefetch: int = 0,
     process_index: int = 0,
     process_count: int = 1,
 ) -> grain.DatasetIterator:
@@ -132,30 +231,53 @@ def train_iterator(
 
     The whole training set is reshuffled every epoch from ``seed``; each JAX
     process takes every ``process_count``-th example of that order, so the
-    processes' batches together form the global batch.
+    processes' batches together form the global batch. ``batch_size`` is global.
     """
     if batch_size % process_count:
         raise ValueError(f"batch_size {batch_size} is not divisible by {process_count} processes")
     ds = grain.MapDataset.source(dataset.source("train")).seed(seed).shuffle().repeat(None)
-    ds = ds[process_index::process_count]
-    ds = ds.random_map(TrainTransform(dataset.mean_image(), input_scale))
-    ds = ds.batch(batch_size // process_count, drop_remainder=True)
-    return iter(_to_iter(ds, num_workers, num_threads))
+    ds = ds[process_index::process_count].random_map(TrainTransform(preprocessing))
+    it = _batched_iter(
+        ds,
+        batch_size=batch_size // process_count,
+        drop_remainder=True,
+        num_workers=num_workers,
+        num_threads=num_threads,
+        prefetch=prefetch,
+    )
+    return iter(it)
 
 
 def eval_iterator(
     dataset: Dataset,
     *,
     batch_size: int,
+    preprocessing: Preprocessing,
+    ten_crop: bool = False,
     num_workers: int = 0,
     num_threads: int = 2,
-    input_scale: float = 1.0,
+    prefetch: int = 0,
     split: str = "val",
     process_index: int = 0,
     process_count: int = 1,
 ) -> grain.DatasetIterator:
-    """One pass over ``split`` in order; the last batch may be short."""
+    """One pass over ``split`` in order; the last batch may be short.
+
+    Images are B x crop x crop x 3 (centre patch), or with ``ten_crop``
+    B x 10 x crop x crop x 3; average the softmax over axis 1 with
+    ``augment.average_crop_softmax``.
+    """
     ds = grain.MapDataset.source(dataset.source(split))[process_index::process_count]
-    ds = ds.map(EvalTransform(dataset.mean_image(), input_scale))
-    ds = ds.batch(batch_size // process_count, drop_remainder=False)
-    return iter(_to_iter(ds, num_workers, num_threads))
+    transform = TenCropTransform if ten_crop else EvalTransform
+    ds = ds.map(transform(preprocessing))
+    if ten_crop and prefetch == 0:
+        prefetch = min(2 * (batch_size // process_count), 64)  # Each record is 10 crops.
+    it = _batched_iter(
+        ds,
+        batch_size=batch_size // process_count,
+        drop_remainder=False,
+        num_workers=num_workers,
+        num_threads=num_threads,
+        prefetch=prefetch,
+    )
+    return iter(it)

@@ -53,23 +53,27 @@ def write_shard(path: str, examples: Iterable[tuple[bytes, int, str]]) -> int:
 class RgbStatistics:
     """Streaming mean image and RGB covariance, for mean subtraction and PCA colour.
 
-    Pixels are accumulated on the [0, 1] scale (the scale the paper's PCA
-    constants are quoted on); the mean image is reported on the 0-255 scale.
+    Sums are kept as exact integers of the uint8 pixels, so partial statistics
+    (one per shard, from any number of processes, in any order) merge to the
+    same bits. The covariance is reported on the [0, 1] scale (the scale the
+    paper's PCA constants are quoted on); the mean image on the 0-255 scale.
     """
 
     def __init__(self, size: int = PREPARED_SIZE):
         self.count = 0
         self.pixel_count = 0
-        self.sum_image = np.zeros((size, size, 3), np.float64)
-        self.sum_rgb = np.zeros(3, np.float64)
-        self.sum_outer = np.zeros((3, 3), np.float64)
+        self.sum_image = np.zeros((size, size, 3), np.int64)
+        self.sum_rgb = np.zeros(3, np.int64)
+        self.sum_outer = np.zeros((3, 3), np.int64)
 
     def add(self, image_HxWx3: np.ndarray) -> None:
-        pixels = image_HxWx3.astype(np.float64)
-        self.sum_image += pixels
-        flat = pixels.reshape(-1, 3) / 255.0
-        self.sum_rgb += flat.sum(0)
-        self.sum_outer += flat.T @ flat
+        if image_HxWx3.dtype != np.uint8:
+            raise TypeError(f"RgbStatistics takes uint8 images, got {image_HxWx3.dtype}")
+        self.sum_image += image_HxWx3
+        flat = image_HxWx3.reshape(-1, 3).astype(np.float64)
+        self.sum_rgb += flat.sum(0).astype(np.int64)
+        # Exact: every partial sum is an integer below 2**53.
+        self.sum_outer += (flat.T @ flat).astype(np.int64)
         self.count += 1
         self.pixel_count += flat.shape[0]
 
@@ -80,14 +84,37 @@ class RgbStatistics:
         self.sum_rgb += other.sum_rgb
         self.sum_outer += other.sum_outer
 
+    def state(self) -> dict[str, np.ndarray]:
+        """The sums as arrays, for saving beside a finished shard."""
+        return {
+            "count": np.int64(self.count),
+            "pixel_count": np.int64(self.pixel_count),
+            "sum_image": self.sum_image,
+            "sum_rgb": self.sum_rgb,
+            "sum_outer": self.sum_outer,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, np.ndarray]) -> RgbStatistics:
+        stats = cls(state["sum_image"].shape[0])
+        stats.count, stats.pixel_count = int(state["count"]), int(state["pixel_count"])
+        stats.sum_image = np.asarray(state["sum_image"], np.int64)
+        stats.sum_rgb = np.asarray(state["sum_rgb"], np.int64)
+        stats.sum_outer = np.asarray(state["sum_outer"], np.int64)
+        return stats
+
     def mean_image(self) -> np.ndarray:
         return (self.sum_image / max(self.count, 1)).astype(np.float32)
 
-    def eigen(self) -> tuple[np.ndarray, np.ndarray]:
-        """Eigenvalues (descending) and eigenvectors (columns) of the RGB covariance."""
+    def covariance(self) -> np.ndarray:
+        """The 3x3 RGB covariance over all pixels, on the [0, 1] scale."""
         n = max(self.pixel_count, 1)
         mean = self.sum_rgb / n
-        covariance = self.sum_outer / n - np.outer(mean, mean)
+        return (self.sum_outer / n - np.outer(mean, mean)) / 255.0**2
+
+    def eigen(self) -> tuple[np.ndarray, np.ndarray]:
+        """Eigenvalues (descending) and eigenvectors (columns) of the RGB covariance."""
+        covariance = self.covariance()
         values, vectors = np.linalg.eigh(covariance)
         order = np.argsort(values)[::-1]
         return values[order], vectors[:, order]
@@ -98,7 +125,7 @@ class RgbStatistics:
         values, vectors = self.eigen()
         return {
             "mean_image_file": mean_file,
-            "mean_rgb": (self.sum_rgb / max(self.pixel_count, 1) * 255.0).tolist(),
+            "mean_rgb": (self.sum_rgb / max(self.pixel_count, 1)).tolist(),
             "rgb_eigenvalues": values.tolist(),
             "rgb_eigenvectors": vectors.tolist(),
         }

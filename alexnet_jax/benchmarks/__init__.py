@@ -1,0 +1,1 @@
+"""Throughput benchmarks, run as commands (python -m alexnet_jax.benchmarks.<name>)."""

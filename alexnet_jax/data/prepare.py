@@ -1,0 +1,729 @@
+r"""Prepare ImageNet once: the paper's 256x256 images in ArrayRecord shards plus statistics.
+
+    python -m alexnet_jax.data.prepare --source=/data/ilsvrc2012 \
+        --output_dir=~/data/imagenet2012_prepared
+
+``--source`` is one of
+  * a directory holding the official ``ILSVRC2012_img_train.tar`` (one tar
+    per class inside) and ``ILSVRC2012_img_val.tar``; validation labels and
+    the class list come from the copies tensorflow-datasets ships (no devkit);
+  * a folder layout ``ROOT/train/<wnid>/*.JPEG`` and ``ROOT/val/<wnid>/*.JPEG``
+    (or a flat ``ROOT/val/ILSVRC2012_val_*.JPEG``, labelled like the tar);
+  * ``tfds:imagenet2012`` (with ``--tfds_data_dir``) or the directory of a
+    built tfds dataset, read through ``tfds.data_source`` (no TensorFlow).
+
+Each image gets Sec. 2's preprocessing (shorter side to 256, central
+256x256 patch) and is stored as a JPEG in ``{split}-NNNNN-of-NNNNN.array_record``
+(see ``records.py``). ``metadata.json``, written last, holds the class order
+and names, per-split counts, the training set's mean image (``mean_image.npy``)
+and RGB eigen-decomposition (for PCA colour augmentation), and every file
+that could not be used, with the reason.
+
+Shards are prepared in parallel (one process per core), each written
+atomically, with its statistics saved beside it; an interrupted run re-run
+with the same flags keeps the finished shards and redoes the rest, and the
+result is bit-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import tarfile
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+from absl import app, flags, logging
+from PIL import Image, UnidentifiedImageError
+
+from alexnet_jax.data import records, writer
+
+TRAIN_TAR = "ILSVRC2012_img_train.tar"
+VAL_TAR = "ILSVRC2012_img_val.tar"
+SPLITS = ("train", "val")
+TFDS_SPLITS = {"train": "train", "val": "validation"}
+PROGRESS_DIR = "_progress"
+DEFAULT_EXAMPLES_PER_SHARD = 1024
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+VAL_NUMBER = re.compile(r"ILSVRC2012_val_(\d{8})")
+
+# What can happen to one input file. Converted files are kept; bad ones are
+# listed in metadata["bad_files"] and left out.
+CONVERTED_KINDS = ("grayscale", "cmyk", "other_mode", "not_jpeg")
+BAD_KINDS = ("empty", "truncated", "undecodable", "unknown_label")
+
+
+class SourceError(ValueError):
+    """The --source path is missing or is not one of the accepted layouts."""
+
+
+class BadImageError(Exception):
+    """An input file that cannot be used; ``kind`` is one of BAD_KINDS."""
+
+    def __init__(self, kind: str, reason: str):
+        super().__init__(reason)
+        self.kind = kind
+        self.reason = reason
+
+
+# ---------------------------------------------------------------------------
+# Class list and validation labels shipped inside tensorflow-datasets.
+
+
+def _tfds_imagenet_dir() -> str:
+    import tensorflow_datasets
+
+    return os.path.join(os.path.dirname(tensorflow_datasets.__file__), "datasets", "imagenet2012")
+
+
+def ilsvrc2012_wnids() -> list[str]:
+    """The standard 1000-class ILSVRC-2012 order (sorted wnids), from the tfds package."""
+    with open(os.path.join(_tfds_imagenet_dir(), "labels.txt")) as f:
+        return f.read().split()
+
+
+def ilsvrc2012_validation_wnids() -> list[str]:
+    """Wnid of each validation image, line i for ILSVRC2012_val_{i+1:08d}.JPEG."""
+    with open(os.path.join(_tfds_imagenet_dir(), "validation_labels.txt")) as f:
+        return f.read().split()
+
+
+def class_order(wnids: Sequence[str]) -> list[str]:
+    """The classes' label order: ILSVRC-2012's when they are that set, else sorted."""
+    standard = ilsvrc2012_wnids()
+    if set(wnids) == set(standard):
+        return standard
+    logging.warning(
+        "%d classes that are not the ILSVRC-2012 1000: labels follow sorted class names",
+        len(set(wnids)),
+    )
+    return sorted(set(wnids))
+
+
+def read_class_names(path: str | None) -> dict[str, str]:
+    """``wnid name...`` lines (e.g. LOC_synset_mapping.txt) -> {wnid: name}."""
+    if not path:
+        return {}
+    names = {}
+    with open(os.path.expanduser(path)) as f:
+        for line in f:
+            parts = line.strip().split(maxsplit=1)
+            if parts:
+                names[parts[0]] = parts[1] if len(parts) > 1 else parts[0]
+    return names
+
+
+# ---------------------------------------------------------------------------
+# Sources: each lists its images as lightweight references in a fixed order.
+# A reference is a tuple whose first element says how to read it:
+#   ("file", path, label, key)  ("tar", path, offset, size, label, key)
+#   ("tfds", index)             (label and key come from the record)
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSpec:
+    """What worker processes need to open the source (picklable, small)."""
+
+    kind: str  # "tars", "folder" or "tfds"
+    location: str  # The directory, or the tfds dataset name.
+    tfds_data_dir: str | None = None
+
+
+@dataclasses.dataclass
+class SourceListing:
+    spec: SourceSpec
+    classes: list[str]  # wnids in label order
+    items: dict[str, list[tuple]]  # split -> references
+    unknown_label: dict[str, list[tuple[str, str]]]  # split -> [(key, reason)]
+
+
+def detect_source(source: str, tfds_data_dir: str | None) -> SourceSpec:
+    """Which of the three layouts ``source`` is; fails at once, saying what was expected."""
+    expected = (
+        f"expected a directory with {TRAIN_TAR} and {VAL_TAR}, a folder with "
+        "train/<wnid>/*.JPEG and val/..., 'tfds:imagenet2012' (with --tfds_data_dir), "
+        "or a built tfds dataset directory (with dataset_info.json)"
+    )
+    if source.startswith("tfds:"):
+        return SourceSpec("tfds", source[len("tfds:") :], tfds_data_dir)
+    path = os.path.abspath(os.path.expanduser(source))
+    if not os.path.isdir(path):
+        raise SourceError(f"--source={source!r} does not exist or is not a directory: {expected}")
+    if os.path.exists(os.path.join(path, TRAIN_TAR)) or os.path.exists(os.path.join(path, VAL_TAR)):
+        return SourceSpec("tars", path)
+    if os.path.isdir(os.path.join(path, "train")) or os.path.isdir(os.path.join(path, "val")):
+        return SourceSpec("folder", path)
+    if os.path.exists(os.path.join(path, "dataset_info.json")):
+        return SourceSpec("tfds", path)
+    raise SourceError(f"--source={source!r} holds none of the accepted layouts: {expected}")
+
+
+def _val_wnid(name: str, val_wnids: list[str]) -> str | None:
+    match = VAL_NUMBER.search(os.path.basename(name))
+    if match is None or not 1 <= int(match.group(1)) <= len(val_wnids):
+        return None
+    return val_wnids[int(match.group(1)) - 1]
+
+
+def _is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _list_tars(spec: SourceSpec, splits: Sequence[str]) -> SourceListing:
+    train_tar, val_tar = (
+        os.path.join(spec.location, TRAIN_TAR),
+        os.path.join(spec.location, VAL_TAR),
+    )
+    if not os.path.exists(train_tar):
+        raise SourceError(f"{train_tar} is missing: the class list and statistics come from it")
+    logging.info("Indexing %s (reads tar headers only)...", train_tar)
+    by_class: dict[str, list[tuple[str, int, int]]] = {}
+    with tarfile.open(train_tar, mode="r:") as outer:
+        for member in outer:
+            if not member.isfile() or not member.name.endswith(".tar"):
+                continue
+            wnid = os.path.basename(member.name)[: -len(".tar")]
+            entries = []
+            with tarfile.open(fileobj=outer.extractfile(member), mode="r:") as inner:
+                for image in inner:
+                    if image.isfile():
+                        offset = member.offset_data + image.offset_data
+                        entries.append((image.name, offset, image.size))
+            by_class[wnid] = sorted(entries)
+    if not by_class:
+        raise SourceError(f"{train_tar} holds no class tars (<wnid>.tar)")
+    classes = class_order(list(by_class))
+    label_of = {wnid: i for i, wnid in enumerate(classes)}
+    items: dict[str, list[tuple]] = {}
+    unknown: dict[str, list[tuple[str, str]]] = collections.defaultdict(list)
+    if "train" in splits:
+        items["train"] = [
+            ("tar", train_tar, offset, size, label_of[wnid], f"train/{wnid}/{name}")
+            for wnid in classes
+            for name, offset, size in by_class[wnid]
+        ]
+    if "val" in splits:
+        if not os.path.exists(val_tar):
+            raise SourceError(f"{val_tar} is missing (or leave 'val' out of --splits)")
+        val_wnids = ilsvrc2012_validation_wnids()
+        entries = []
+        with tarfile.open(val_tar, mode="r:") as tar:
+            entries = sorted((m.name, m.offset_data, m.size) for m in tar if m.isfile())
+        items["val"] = []
+        for name, offset, size in entries:
+            key = f"val/{os.path.basename(name)}"
+            wnid = _val_wnid(name, val_wnids)
+            if wnid in label_of:
+                items["val"].append(("tar", val_tar, offset, size, label_of[wnid], key))
+            else:
+                unknown["val"].append((key, f"validation label {wnid!r} is not a training class"))
+    return SourceListing(spec, classes, items, dict(unknown))
+
+
+def _list_folder(spec: SourceSpec, splits: Sequence[str]) -> SourceListing:
+    train_dir = os.path.join(spec.location, "train")
+    if not os.path.isdir(train_dir):
+        raise SourceError(f"{train_dir} is missing: expected train/<wnid>/*.JPEG")
+    wnids = sorted(e.name for e in os.scandir(train_dir) if e.is_dir())
+    if not wnids:
+        raise SourceError(f"{train_dir} has no class folders: expected train/<wnid>/*.JPEG")
+    classes = class_order(wnids)
+    label_of = {wnid: i for i, wnid in enumerate(classes)}
+    items: dict[str, list[tuple]] = {}
+    unknown: dict[str, list[tuple[str, str]]] = collections.defaultdict(list)
+    for split in splits:
+        root = os.path.join(spec.location, split)
+        if not os.path.isdir(root):
+            raise SourceError(f"{root} is missing (or leave {split!r} out of --splits)")
+        items[split] = []
+        subdirs = sorted(e.name for e in os.scandir(root) if e.is_dir())
+        if subdirs:
+            for wnid in subdirs:
+                names = sorted(n for n in os.listdir(os.path.join(root, wnid)) if _is_image_name(n))
+                for name in names:
+                    key = f"{split}/{wnid}/{name}"
+                    if wnid not in label_of:
+                        unknown[split].append(
+                            (key, f"class folder {wnid!r} is not a training class")
+                        )
+                        continue
+                    path = os.path.join(root, wnid, name)
+                    items[split].append(("file", path, label_of[wnid], key))
+        else:  # A flat folder of ILSVRC2012_val_*.JPEG, labelled from the tfds copy.
+            val_wnids = ilsvrc2012_validation_wnids()
+            for name in sorted(n for n in os.listdir(root) if _is_image_name(n)):
+                key, wnid = f"{split}/{name}", _val_wnid(name, val_wnids)
+                if wnid in label_of:
+                    items[split].append(("file", os.path.join(root, name), label_of[wnid], key))
+                else:
+                    unknown[split].append((key, f"no known label for {name!r} ({wnid})"))
+    return SourceListing(spec, classes, items, dict(unknown))
+
+
+def _open_tfds(spec: SourceSpec, split: str):
+    """A tfds random-access source yielding raw image bytes (no TensorFlow needed)."""
+    import tensorflow_datasets as tfds
+
+    decoders = {"image": tfds.decode.SkipDecoding()}
+    if os.path.isdir(spec.location):
+        builder = tfds.builder_from_directory(spec.location)
+        return builder, builder.as_data_source(split=TFDS_SPLITS[split], decoders=decoders)
+    builder = tfds.builder(spec.location, data_dir=spec.tfds_data_dir)
+    source = tfds.data_source(
+        spec.location,
+        split=TFDS_SPLITS[split],
+        data_dir=spec.tfds_data_dir,
+        download=False,
+        decoders=decoders,
+    )
+    return builder, source
+
+
+def _list_tfds(spec: SourceSpec, splits: Sequence[str]) -> SourceListing:
+    try:
+        builder, _ = _open_tfds(spec, "train")
+    except Exception as e:  # tfds raises several types for "not built here".
+        raise SourceError(
+            f"Could not open tfds dataset {spec.location!r} "
+            f"(data_dir={spec.tfds_data_dir!r}): {e}. "
+            "Build it first with tfds (manual_dir holding the ILSVRC tars), or pass its directory."
+        ) from e
+    classes = list(builder.info.features["label"].names)
+    if set(classes) == set(ilsvrc2012_wnids()) and classes != ilsvrc2012_wnids():
+        raise SourceError("the tfds dataset's classes are the ILSVRC-2012 set in another order")
+    items = {}
+    for split in splits:
+        _, source = _open_tfds(spec, split)
+        items[split] = [("tfds", i) for i in range(len(source))]
+    return SourceListing(spec, classes, items, {})
+
+
+def list_source(spec: SourceSpec, splits: Sequence[str]) -> SourceListing:
+    lister = {"tars": _list_tars, "folder": _list_folder, "tfds": _list_tfds}[spec.kind]
+    return lister(spec, splits)
+
+
+# ---------------------------------------------------------------------------
+# One image: decode whatever it is, convert to RGB, the paper's 256x256 patch.
+
+
+def prepare_image(data: bytes, size: int = writer.PREPARED_SIZE) -> tuple[Image.Image, list[str]]:
+    """Source file bytes -> the prepared RGB image and what had to be converted.
+
+    Raises BadImageError for empty, truncated and undecodable files. A JPEG
+    much larger than ``size`` is decoded at a reduced DCT scale (``draft``),
+    never below ``size`` on its shorter side, which is several times faster.
+    """
+    if not data:
+        raise BadImageError("empty", "zero-byte file")
+    conversions = []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL warns on odd EXIF; the pixels are fine.
+            image = Image.open(io.BytesIO(data))
+            if image.format != "JPEG":
+                conversions.append("not_jpeg")
+            elif min(image.size) >= 2 * size:
+                image.draft(image.mode, (size, size))
+            image.load()
+    except UnidentifiedImageError:
+        raise BadImageError("undecodable", "not a recognisable image format") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        message = str(e) or type(e).__name__
+        truncated = "truncated" in message.lower() or isinstance(e, EOFError)
+        kind = "truncated" if truncated else "undecodable"
+        raise BadImageError(kind, f"{type(e).__name__}: {message}") from None
+    if image.mode in ("L", "LA", "1", "I", "I;16", "F"):
+        conversions.append("grayscale")
+    elif image.mode == "CMYK":
+        conversions.append("cmyk")
+    elif image.mode != "RGB":
+        conversions.append("other_mode")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Transparent pixels composite onto white, as an image viewer shows them.
+        rgba = image.convert("RGBA")
+        image = Image.new("RGB", rgba.size, (255, 255, 255))
+        image.paste(rgba, mask=rgba.getchannel("A"))
+    return writer.resize_and_center_crop(image, size), conversions
+
+
+# ---------------------------------------------------------------------------
+# One shard: read, convert, write atomically, then its statistics and report.
+
+
+class _Reader:
+    """Reads referenced images, keeping files and tfds sources open across reads."""
+
+    def __init__(self, spec: SourceSpec, split: str):
+        self.spec, self.split = spec, split
+        self._files: dict[str, Any] = {}
+        self._tfds = None
+
+    def read(self, ref: tuple) -> tuple[bytes, int, str]:
+        if ref[0] == "file":
+            _, path, label, key = ref
+            with open(path, "rb") as f:
+                return f.read(), label, key
+        if ref[0] == "tar":
+            _, path, offset, size, label, key = ref
+            if path not in self._files:
+                self._files[path] = open(path, "rb")  # noqa: SIM115 (closed in close())
+            f = self._files[path]
+            f.seek(offset)
+            return f.read(size), label, key
+        if self._tfds is None:
+            self._tfds = _open_tfds(self.spec, self.split)[1]
+        example = self._tfds[ref[1]]
+        name = example.get("file_name", b"")
+        name = name.decode() if isinstance(name, bytes) else str(name)
+        key = f"{self.split}/{name or ref[1]}"
+        return example["image"], int(example["label"]), key
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardTask:
+    spec: SourceSpec
+    split: str
+    index: int
+    num_shards: int
+    refs: list[tuple]
+    output_dir: str
+    with_statistics: bool
+
+
+def _shard_path(task: ShardTask) -> str:
+    return os.path.join(
+        task.output_dir, records.shard_filename(task.split, task.index, task.num_shards)
+    )
+
+
+def _report_path(output_dir: str, split: str, index: int, num_shards: int) -> str:
+    name = records.shard_filename(split, index, num_shards)
+    return os.path.join(output_dir, PROGRESS_DIR, name + ".json")
+
+
+def _atomic_write_json(path: str, value: Any) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def prepare_shard(task: ShardTask) -> tuple[str, int, dict[str, Any]]:
+    """Writes one shard and, last, its report (counts, bad files, statistics file)."""
+    reader = _Reader(task.spec, task.split)
+    stats = writer.RgbStatistics() if task.with_statistics else None
+    counts = collections.Counter()
+    bad_files = []
+
+    def examples() -> Iterator[tuple[bytes, int, str]]:
+        for ref in task.refs:
+            data, label, key = reader.read(ref)
+            try:
+                image, conversions = prepare_image(data)
+            except BadImageError as e:
+                counts[e.kind] += 1
+                bad_files.append({"key": key, "kind": e.kind, "reason": e.reason})
+                continue
+            counts.update(conversions)
+            jpeg = writer.encode_jpeg(image)
+            if stats is not None:
+                # Statistics of the pixels the pipeline will decode, not the pre-JPEG ones.
+                with Image.open(io.BytesIO(jpeg)) as stored:
+                    stats.add(np.asarray(stored))
+            yield jpeg, label, key
+
+    try:
+        count = writer.write_shard(_shard_path(task), examples())
+    finally:
+        reader.close()
+    report = {"count": count, "counts": dict(sorted(counts.items())), "bad_files": bad_files}
+    report_path = _report_path(task.output_dir, task.split, task.index, task.num_shards)
+    if stats is not None:
+        stats_file = os.path.basename(report_path)[: -len(".json")] + ".stats.npz"
+        tmp = os.path.join(os.path.dirname(report_path), stats_file + ".tmp.npz")
+        np.savez_compressed(tmp, **stats.state())
+        os.replace(tmp, os.path.join(os.path.dirname(report_path), stats_file))
+        report["statistics_file"] = stats_file
+    _atomic_write_json(report_path, report)
+    return task.split, task.index, report
+
+
+def _load_report(output_dir: str, split: str, index: int, num_shards: int) -> dict | None:
+    """A finished shard's report, or None when the shard must be (re)done."""
+    path = _report_path(output_dir, split, index, num_shards)
+    shard = os.path.join(output_dir, records.shard_filename(split, index, num_shards))
+    if not (os.path.exists(path) and os.path.exists(shard)):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+# ---------------------------------------------------------------------------
+# The whole run.
+
+
+def _fingerprint(listing: SourceListing, examples_per_shard: int) -> str:
+    """Identifies the plan (inputs, order, sharding), so a resume never mixes two plans."""
+    h = hashlib.sha256()
+    h.update(json.dumps([listing.spec.kind, examples_per_shard, listing.classes]).encode())
+    for split in sorted(listing.items):
+        h.update(split.encode())
+        for ref in listing.items[split]:
+            h.update(repr(ref[-1] if ref[0] != "tfds" else ref[1]).encode())
+    return h.hexdigest()[:16]
+
+
+def _format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class _Progress:
+    """Logs images done, rate and ETA at most every ``every`` seconds."""
+
+    def __init__(self, total_images: int, done_images: int, every: float = 10.0):
+        self.total, self.done, self.every = total_images, done_images, every
+        self.start, self.start_done, self.last = time.time(), done_images, 0.0
+
+    def update(self, images: int, shards_done: int, shards_total: int, force: bool = False):
+        self.done += images
+        now = time.time()
+        if not force and now - self.last < self.every:
+            return
+        self.last = now
+        rate = (self.done - self.start_done) / max(now - self.start, 1e-9)
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        logging.info(
+            "%d/%d shards, %d/%d images (%.0f%%), %.0f images/s, ETA %s",
+            shards_done,
+            shards_total,
+            self.done,
+            self.total,
+            100.0 * self.done / max(self.total, 1),
+            rate,
+            _format_duration(eta) if np.isfinite(eta) else "?",
+        )
+
+
+def prepare(
+    source: str,
+    output_dir: str,
+    *,
+    splits: Sequence[str] = SPLITS,
+    examples_per_shard: int = DEFAULT_EXAMPLES_PER_SHARD,
+    num_workers: int | None = None,
+    class_names_file: str | None = None,
+    tfds_data_dir: str | None = None,
+    name: str = "imagenet2012",
+) -> dict[str, Any]:
+    """Prepares ``source`` into ``output_dir``; returns the metadata (with the summary).
+
+    ``num_workers`` processes prepare shards in parallel (None: one per core;
+    0: in this process). Finished shards from an earlier run with the same
+    plan are kept.
+    """
+    if "train" not in splits:
+        raise SourceError("--splits must include 'train': the statistics come from it")
+    unknown_splits = set(splits) - set(SPLITS)
+    if unknown_splits:
+        raise SourceError(f"--splits has {sorted(unknown_splits)}; accepted: {SPLITS}")
+    if examples_per_shard < 1:
+        raise ValueError(f"examples_per_shard = {examples_per_shard} must be >= 1")
+    start = time.time()
+    spec = detect_source(source, tfds_data_dir)
+    listing = list_source(spec, splits)
+    fingerprint = _fingerprint(listing, examples_per_shard)
+    output_dir = os.path.abspath(os.path.expanduser(output_dir))
+    os.makedirs(os.path.join(output_dir, PROGRESS_DIR), exist_ok=True)
+    existing = records.read_metadata(output_dir)
+    if existing is not None and existing.get("preparation", {}).get("fingerprint") == fingerprint:
+        logging.info("%s is already prepared from this source: nothing to do", output_dir)
+        return existing
+    plan_path = os.path.join(output_dir, PROGRESS_DIR, "plan.json")
+    plan = {"fingerprint": fingerprint, "source": source, "examples_per_shard": examples_per_shard}
+    if os.path.exists(plan_path):
+        with open(plan_path) as f:
+            previous = json.load(f)
+        if previous["fingerprint"] != fingerprint:
+            raise SourceError(
+                f"{output_dir} holds a partial preparation of another source or shard size "
+                f"({previous}); use another --output_dir or delete this one"
+            )
+    elif existing is not None:
+        raise SourceError(f"{output_dir} already holds a different prepared dataset")
+    _atomic_write_json(plan_path, plan)
+
+    tasks, reports = [], {}
+    for split in splits:
+        refs = listing.items[split]
+        num_shards = max(1, -(-len(refs) // examples_per_shard))
+        for index in range(num_shards):
+            report = _load_report(output_dir, split, index, num_shards)
+            if report is not None:
+                reports[(split, index)] = report
+                continue
+            chunk = refs[index * examples_per_shard : (index + 1) * examples_per_shard]
+            tasks.append(
+                ShardTask(spec, split, index, num_shards, chunk, output_dir, split == "train")
+            )
+    total_images = sum(len(listing.items[s]) for s in splits)
+    done_images = sum(r["count"] + len(r["bad_files"]) for r in reports.values())
+    total_shards = len(tasks) + len(reports)
+    logging.info(
+        "Preparing %s (%s) into %s: %d shards to do, %d already done, %s workers",
+        source,
+        ", ".join(f"{s}: {len(listing.items[s])} images" for s in splits),
+        output_dir,
+        len(tasks),
+        len(reports),
+        "no" if num_workers == 0 else (num_workers or os.cpu_count()),
+    )
+    progress = _Progress(total_images, done_images)
+    if num_workers == 0:
+        results = map(prepare_shard, tasks)
+        pool = None
+    else:
+        pool = multiprocessing.get_context("spawn").Pool(num_workers or os.cpu_count())
+        results = pool.imap_unordered(prepare_shard, tasks)
+    try:
+        for split, index, report in results:
+            reports[(split, index)] = report
+            progress.update(report["count"] + len(report["bad_files"]), len(reports), total_shards)
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    progress.update(0, len(reports), total_shards, force=True)
+    class_names = read_class_names(class_names_file) or _names_beside(spec)
+    metadata = _finish(
+        listing, reports, output_dir, fingerprint, examples_per_shard, name, class_names
+    )
+    metadata["seconds"] = round(time.time() - start, 1)  # Returned, not stored: runs match.
+    _log_summary(metadata)
+    return metadata
+
+
+def _names_beside(spec: SourceSpec) -> dict[str, str]:
+    """Class names from a LOC_synset_mapping.txt next to the source, if there is one."""
+    if spec.kind == "tfds":
+        return {}
+    return read_class_names(
+        next(
+            (
+                os.path.join(spec.location, n)
+                for n in ("LOC_synset_mapping.txt", "synset_words.txt")
+                if os.path.exists(os.path.join(spec.location, n))
+            ),
+            None,
+        )
+    )
+
+
+def _finish(
+    listing: SourceListing,
+    reports: dict[tuple[str, int], dict],
+    output_dir: str,
+    fingerprint: str,
+    examples_per_shard: int,
+    name: str,
+    class_names: dict[str, str],
+) -> dict[str, Any]:
+    """Merges shard reports and statistics into metadata.json (written last)."""
+    stats = writer.RgbStatistics()
+    splits, bad_files, summary = {}, [], {}
+    for split in listing.items:
+        shard_reports = [reports[k] for k in sorted(reports) if k[0] == split]
+        counts = collections.Counter()
+        for report in shard_reports:
+            counts.update(report["counts"])
+            bad_files.extend({"split": split, **b} for b in report["bad_files"])
+            if "statistics_file" in report:
+                with np.load(
+                    os.path.join(output_dir, PROGRESS_DIR, report["statistics_file"])
+                ) as z:
+                    stats.merge(writer.RgbStatistics.from_state(dict(z)))
+        for key, reason in listing.unknown_label.get(split, []):
+            counts["unknown_label"] += 1
+            bad_files.append(
+                {"split": split, "key": key, "kind": "unknown_label", "reason": reason}
+            )
+        written = sum(r["count"] for r in shard_reports)
+        splits[split] = {"num_examples": written, "num_shards": len(shard_reports)}
+        summary[split] = {
+            "written": written,
+            **{k: counts.get(k, 0) for k in CONVERTED_KINDS + BAD_KINDS},
+        }
+    metadata = {
+        "name": name,
+        "source_kind": listing.spec.kind,
+        "image_size": writer.PREPARED_SIZE,
+        "jpeg_quality": writer.JPEG_QUALITY,
+        "classes": [{"id": wnid, "name": class_names.get(wnid, wnid)} for wnid in listing.classes],
+        "standard_ilsvrc2012_order": listing.classes == ilsvrc2012_wnids(),
+        "splits": splits,
+        **stats.to_metadata(output_dir),
+        "bad_files": bad_files,
+        "summary": summary,
+        "preparation": {"fingerprint": fingerprint, "examples_per_shard": examples_per_shard},
+    }
+    records.write_metadata(output_dir, metadata)
+    shutil.rmtree(os.path.join(output_dir, PROGRESS_DIR), ignore_errors=True)
+    return metadata
+
+
+def _log_summary(metadata: dict[str, Any]) -> None:
+    lines = [f"Prepared {metadata['name']} in {metadata['seconds']}s:"]
+    for split, counts in metadata["summary"].items():
+        converted = ", ".join(f"{k} {counts[k]}" for k in CONVERTED_KINDS)
+        bad = ", ".join(f"{k} {counts[k]}" for k in BAD_KINDS)
+        lines.append(f"  {split}: {counts['written']} written; converted: {converted}; bad: {bad}")
+    for bad in metadata["bad_files"][:20]:
+        lines.append(f"  bad file {bad['key']}: {bad['kind']} ({bad['reason']})")
+    if len(metadata["bad_files"]) > 20:
+        lines.append(f"  ... and {len(metadata['bad_files']) - 20} more in metadata.json")
+    print("\n".join(lines), flush=True)
+
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("source", None, "ILSVRC tars directory, folder layout, or tfds:<name>.")
+flags.DEFINE_string("output_dir", None, "Where the prepared dataset is written.")
+flags.DEFINE_list("splits", list(SPLITS), "Splits to prepare.")
+flags.DEFINE_integer("examples_per_shard", DEFAULT_EXAMPLES_PER_SHARD, "Images per shard.")
+flags.DEFINE_integer("num_workers", None, "Worker processes (default: one per core; 0: none).")
+flags.DEFINE_string("class_names_file", None, "Optional 'wnid name' lines for class names.")
+flags.DEFINE_string("tfds_data_dir", None, "tfds data_dir for --source=tfds:<name>.")
+
+
+def main(argv: Sequence[str]) -> None:
+    del argv
+    if not FLAGS.source or not FLAGS.output_dir:
+        raise app.UsageError("--source and --output_dir are required")
+    prepare(
+        FLAGS.source,
+        FLAGS.output_dir,
+        splits=FLAGS.splits,
+        examples_per_shard=FLAGS.examples_per_shard,
+        num_workers=FLAGS.num_workers,
+        class_names_file=FLAGS.class_names_file,
+        tfds_data_dir=FLAGS.tfds_data_dir,
+    )
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,261 @@
+"""ImageNet preparation (alexnet_jax/data/prepare.py) on miniature sources made here."""
+
+import io
+import os
+import tarfile
+
+import numpy as np
+import pytest
+from array_record.python.array_record_module import ArrayRecordReader
+from PIL import Image
+
+from alexnet_jax.data import pipeline, prepare, records
+from tests.conftest import SHARED_SAMPLES
+
+# The first six ILSVRC-2012 validation images' classes, so a miniature val
+# tar labelled from the tfds copy of validation_labels.txt has known labels.
+VAL_WNIDS = prepare.ilsvrc2012_validation_wnids()[:6]
+
+
+def _jpeg(seed: int, size=(300, 220), mode="RGB", fmt="JPEG") -> bytes:
+    rng = np.random.default_rng(seed)
+    w, h = size
+    base = rng.integers(0, 256, (h // 10 + 1, w // 10 + 1, 3), dtype=np.uint8)
+    image = Image.fromarray(base).resize((w, h), Image.BILINEAR).convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, quality=90)
+    return buffer.getvalue()
+
+
+def _write(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+BAD_FILES = {
+    # name -> (bytes maker, what prepare must do with it)
+    "gray.JPEG": (lambda: _jpeg(100, mode="L"), "grayscale"),
+    "cmyk.JPEG": (lambda: _jpeg(101, mode="CMYK"), "cmyk"),
+    "png.JPEG": (lambda: _jpeg(102, fmt="PNG"), "not_jpeg"),
+    "truncated.JPEG": (lambda: _jpeg(103)[:1500], "truncated"),
+    "empty.JPEG": (lambda: b"", "empty"),
+    "junk.JPEG": (lambda: b"definitely not an image" * 8, "undecodable"),
+}
+
+
+def _folder_source(root: str, wnids=("n01440764", "n01443537", "n01484850"), per_class=4):
+    for c, wnid in enumerate(wnids):
+        for i in range(per_class):
+            size = (200 + 37 * i, 260 + 11 * c)  # Both orientations, some under 256.
+            _write(os.path.join(root, "train", wnid, f"{wnid}_{i}.JPEG"), _jpeg(10 * c + i, size))
+        _write(os.path.join(root, "val", wnid, f"val_{wnid}.JPEG"), _jpeg(500 + c))
+    for name, (make, _) in BAD_FILES.items():
+        _write(os.path.join(root, "train", wnids[0], name), make())
+    return root
+
+
+def _read_shards(data_dir: str, split: str, metadata: dict) -> list[dict]:
+    examples = []
+    for path in records.shard_paths(data_dir, split, metadata):
+        reader = ArrayRecordReader(path)
+        examples += [records.decode_example(r) for r in reader.read_all()]
+        reader.close()
+    return examples
+
+
+@pytest.fixture(scope="module")
+def folder_prepared(tmp_path_factory):
+    source = _folder_source(str(tmp_path_factory.mktemp("folder_src")))
+    out = str(tmp_path_factory.mktemp("folder_out"))
+    metadata = prepare.prepare(source, out, examples_per_shard=5, num_workers=0)
+    return source, out, metadata
+
+
+def test_folder_layout_converts_and_reports_every_bad_file(folder_prepared):
+    _, out, metadata = folder_prepared
+    summary = metadata["summary"]["train"]
+    # 12 good images + gray, cmyk and png kept; truncated, empty and junk reported.
+    assert summary["written"] == 15 and metadata["splits"]["train"]["num_examples"] == 15
+    assert metadata["splits"]["train"]["num_shards"] == 4  # 18 inputs / 5 per shard
+    for kind in ("grayscale", "cmyk", "not_jpeg", "truncated", "empty", "undecodable"):
+        assert summary[kind] == 1, kind
+    assert summary["other_mode"] == 0 and summary["unknown_label"] == 0
+    bad = {b["key"].rsplit("/", 1)[1]: b for b in metadata["bad_files"]}
+    assert {n: b["kind"] for n, b in bad.items()} == {
+        "truncated.JPEG": "truncated",
+        "empty.JPEG": "empty",
+        "junk.JPEG": "undecodable",
+    }
+    assert all(b["reason"] and b["split"] == "train" for b in bad.values())
+    assert metadata["summary"]["val"]["written"] == 3
+
+    examples = _read_shards(out, "train", metadata)
+    by_name = {e["key"].rsplit("/", 1)[1]: e for e in examples}
+    assert len(by_name) == 15
+    wnids = [c["id"] for c in metadata["classes"]]
+    assert wnids == ["n01440764", "n01443537", "n01484850"]
+    for example in examples:
+        image = pipeline.decode_jpeg(example["image"])
+        assert image.shape == (256, 256, 3)
+        assert wnids[example["label"]] == example["key"].split("/")[1]
+    gray = pipeline.decode_jpeg(by_name["gray.JPEG"]["image"]).astype(int)
+    assert np.abs(gray[..., 0] - gray[..., 2]).max() <= 3  # Converted, still gray.
+
+
+def test_statistics_equal_direct_numpy_computation(folder_prepared):
+    _, out, metadata = folder_prepared
+    dataset = pipeline.open_dataset(out, how_to_prepare="-")
+    images = np.stack(
+        [pipeline.decode_jpeg(e["image"]) for e in _read_shards(out, "train", metadata)]
+    ).astype(np.float64)
+    np.testing.assert_allclose(dataset.mean_image(), images.mean(0), rtol=1e-6, atol=1e-4)
+    covariance = np.cov(images.reshape(-1, 3).T / 255.0, bias=True)
+    values, vectors = dataset.rgb_eigen()
+    assert np.all(np.diff(values) <= 0)  # Descending.
+    np.testing.assert_allclose(vectors @ np.diag(values) @ vectors.T, covariance, atol=1e-10)
+    np.testing.assert_allclose(vectors.T @ vectors, np.eye(3), atol=1e-10)
+
+
+def test_interrupted_run_resumes_to_identical_output(folder_prepared, tmp_path, monkeypatch):
+    source, reference, _ = folder_prepared
+    out = str(tmp_path / "out")
+    real_prepare_shard = prepare.prepare_shard
+    calls = []
+
+    def interrupted(task):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(task.index)
+        return real_prepare_shard(task)
+
+    monkeypatch.setattr(prepare, "prepare_shard", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare(source, out, examples_per_shard=5, num_workers=0)
+    assert records.read_metadata(out) is None  # Not marked complete.
+    finished = [n for n in os.listdir(out) if n.endswith(".array_record")]
+    assert len(finished) == 2
+    mtimes = {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in finished}
+    _write(os.path.join(out, "train-00002-of-00004.array_record.tmp"), b"half written")
+
+    monkeypatch.setattr(prepare, "prepare_shard", real_prepare_shard)
+    prepare.prepare(source, out, examples_per_shard=5, num_workers=2)  # Resume with workers.
+    for name in finished:  # Finished shards were kept, not redone.
+        assert os.stat(os.path.join(out, name)).st_mtime_ns == mtimes[name]
+    produced = sorted(n for n in os.listdir(out) if not n.endswith(".tmp"))
+    assert produced == sorted(os.listdir(reference))
+    for name in produced:
+        with open(os.path.join(out, name), "rb") as f:
+            ours = f.read()
+        with open(os.path.join(reference, name), "rb") as f:
+            assert ours == f.read(), name
+
+
+def test_missing_or_wrong_source_fails_saying_what_was_expected(tmp_path):
+    with pytest.raises(prepare.SourceError, match="does not exist.*ILSVRC2012_img_train.tar"):
+        prepare.prepare(str(tmp_path / "nowhere"), str(tmp_path / "out"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(prepare.SourceError, match="none of the accepted layouts.*train/<wnid>"):
+        prepare.prepare(str(tmp_path / "empty"), str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def test_ilsvrc_tar_layout_with_nested_class_tars(tmp_path):
+    wnids = sorted(set(VAL_WNIDS))
+    with tarfile.open(tmp_path / prepare.TRAIN_TAR, "w") as outer:
+        for c, wnid in enumerate(wnids):
+            inner_bytes = io.BytesIO()
+            with tarfile.open(fileobj=inner_bytes, mode="w") as inner:
+                for i in range(3):
+                    _add_bytes(inner, f"{wnid}_{i}.JPEG", _jpeg(20 * c + i))
+            _add_bytes(outer, f"{wnid}.tar", inner_bytes.getvalue())
+    with tarfile.open(tmp_path / prepare.VAL_TAR, "w") as val:
+        for i in range(len(VAL_WNIDS)):
+            _add_bytes(val, f"ILSVRC2012_val_{i + 1:08d}.JPEG", _jpeg(900 + i))
+    out = str(tmp_path / "out")
+    metadata = prepare.prepare(str(tmp_path), out, examples_per_shard=4, num_workers=0)
+
+    assert [c["id"] for c in metadata["classes"]] == wnids
+    assert metadata["source_kind"] == "tars" and not metadata["standard_ilsvrc2012_order"]
+    assert metadata["splits"]["train"]["num_examples"] == 3 * len(wnids)
+    assert metadata["splits"]["val"]["num_examples"] == len(VAL_WNIDS)
+    assert metadata["bad_files"] == []
+    train = _read_shards(out, "train", metadata)
+    assert [e["key"] for e in train] == [f"train/{w}/{w}_{i}.JPEG" for w in wnids for i in range(3)]
+    # The bytes came from the right offsets inside the nested tars.
+    first = pipeline.decode_jpeg(train[0]["image"]).astype(int)
+    expected, _ = prepare.prepare_image(_jpeg(0))
+    assert np.abs(first - np.asarray(expected, int)).mean() < 3
+    val = _read_shards(out, "val", metadata)
+    assert [wnids[e["label"]] for e in val] == VAL_WNIDS
+
+
+def test_tfds_built_dataset_is_read_without_tensorflow(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+
+    class AlexnetJaxTinyImagenet(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+        code_path = None  # Defined in a test, not a dataset package: no checksums file.
+
+        def _info(self):
+            return tfds.core.DatasetInfo(
+                builder=self,
+                features=tfds.features.FeaturesDict(
+                    {
+                        "image": tfds.features.Image(encoding_format="jpeg"),
+                        "label": tfds.features.ClassLabel(names=["n01440764", "n01443537"]),
+                        "file_name": tfds.features.Text(),
+                    }
+                ),
+            )
+
+        def _split_generators(self, dl_manager):
+            del dl_manager
+            return {"train": self._generate_examples(6), "validation": self._generate_examples(2)}
+
+        def _generate_examples(self, n):
+            for i in range(n):
+                name = f"img_{i}.JPEG"
+                yield name, {"image": io.BytesIO(_jpeg(i)), "label": i % 2, "file_name": name}
+
+    builder = AlexnetJaxTinyImagenet(data_dir=str(tmp_path / "tfds"), file_format="array_record")
+    builder.download_and_prepare()
+    out = str(tmp_path / "out")
+    metadata = prepare.prepare(builder.data_dir, out, examples_per_shard=4, num_workers=0)
+    assert metadata["source_kind"] == "tfds"
+    assert [c["id"] for c in metadata["classes"]] == ["n01440764", "n01443537"]
+    assert metadata["splits"]["train"]["num_examples"] == 6
+    assert metadata["splits"]["val"]["num_examples"] == 2
+    train = _read_shards(out, "train", metadata)
+    assert sorted(e["key"] for e in train) == [f"train/img_{i}.JPEG" for i in range(6)]
+    assert all(e["label"] == int(e["key"][-6]) % 2 for e in train)
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_SAMPLES), reason="../shared/imagenet-samples absent")
+def test_real_imagenet_samples_prepare_and_decode(tmp_path):
+    from alexnet_jax.benchmarks import input_pipeline
+
+    names = input_pipeline.samples_as_folder(SHARED_SAMPLES, str(tmp_path / "src"))
+    assert len(names) == 100
+    grayscale = sum(
+        Image.open(os.path.join(SHARED_SAMPLES, f)).mode == "L"
+        for f in os.listdir(SHARED_SAMPLES)
+        if f.endswith(".JPEG")
+    )
+    out = str(tmp_path / "out")
+    metadata = prepare.prepare(str(tmp_path / "src"), out, examples_per_shard=50)
+    assert metadata["summary"]["train"]["written"] == 100 and metadata["bad_files"] == []
+    assert metadata["summary"]["train"]["grayscale"] == grayscale
+    classes = metadata["classes"]
+    assert [c["id"] for c in classes] == sorted(names)
+    assert classes[0] == {"id": "n01440764", "name": "tench"}
+    for example in _read_shards(out, "train", metadata):
+        assert pipeline.decode_jpeg(example["image"]).shape == (256, 256, 3)
+        wnid = classes[example["label"]]["id"]
+        assert example["key"].split("/")[-1].startswith(wnid + "_")
