@@ -1,61 +1,437 @@
-"""orbax checkpoints of the train state together with the grain iterator state."""
+"""Checkpoints that survive crashes, preemption and a damaged disk (orbax + grain).
+
+A checkpoint step holds three items: ``state`` (the whole train state:
+params, optimizer state, step, RNG, schedule state), ``data_iter`` (the grain
+iterator position) and ``config`` (the run's config as JSON). Saving is
+asynchronous. Kept: the last ``keep`` steps and the step with the lowest
+validation top-1 error.
+
+Also here: the workdir lock (one run per workdir), the check that a
+relaunch does not change the model, and the SIGTERM hook that asks the
+loop to save and stop at the next step boundary.
+"""
 
 from __future__ import annotations
 
+import fcntl
+import json
+import math
 import os
+import shutil
+import signal
+import socket
+import threading
+import time
+from collections.abc import Mapping
 from typing import Any
 
 import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
+
+from alexnet_jax import config_lib
+
+BEST_METRIC = "val_top1_error"
+# Config fields that define the network or what it sees: a relaunch may not change them.
+# Everything else (epochs, schedule, logging, batch size, mesh, ...) may change.
+MODEL_DEFINING_FIELDS = (
+    "model.num_classes",
+    "model.width",
+    "model.use_lrn",
+    "model.dropout_rate",
+    "model.init_scheme",
+    "data.input_scale",
+    "data.mean_subtraction",
+)
+QUARANTINE_DIR = "checkpoints_unusable"
+
+
+class WorkdirInUseError(RuntimeError):
+    """Another process is already training in this workdir."""
+
+
+class NoUsableCheckpointError(RuntimeError):
+    """The workdir holds checkpoints but none of them can be restored."""
+
+
+class ConfigMismatchError(config_lib.ConfigError):
+    """A relaunch changes config fields that define the model."""
+
+
+def _best_metric(metrics: Mapping[str, float]) -> float:
+    value = metrics.get(BEST_METRIC) if metrics else None
+    return math.inf if value is None else float(value)
+
+
+def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"model": {"width": 1}} -> {"model.width": 1}; tuples become lists (as in JSON)."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_config(value, f"{name}."))
+        else:
+            flat[name] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def config_to_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    return json.loads(config.to_json())
+
+
+def model_config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """The model-defining fields whose values differ, as "field: saved -> current" lines."""
+    old, new = flatten_config(saved), flatten_config(current)
+    return [
+        f"config.{name}: {old[name]!r} in the checkpoint, {new[name]!r} now"
+        for name in MODEL_DEFINING_FIELDS
+        if name in old and name in new and old[name] != new[name]
+    ]
+
+
+@jax.jit
+def _leaf_fingerprints(state: Any) -> list[jax.Array]:
+    """One uint32 per leaf that changes whenever any bit of any element changes.
+
+    Each element's bits are mixed and multiplied by an odd, position-dependent
+    number; the products are summed modulo 2**32. A change to a single element
+    therefore always changes the sum. Computed on device, once per save.
+    """
+
+    def one(x):
+        x = jnp.asarray(x)
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x = jax.random.key_data(x)
+        if x.dtype == jnp.bool_:
+            bits = x.astype(jnp.uint32)
+        elif x.dtype.itemsize == 4:
+            bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+        elif x.dtype.itemsize in (1, 2):
+            uint = jnp.uint8 if x.dtype.itemsize == 1 else jnp.uint16
+            bits = jax.lax.bitcast_convert_type(x, uint).astype(jnp.uint32)
+        else:  # 8-byte types: fold both halves.
+            halves = jax.lax.bitcast_convert_type(x, jnp.uint32)
+            bits = halves[..., 0] ^ (halves[..., 1] * jnp.uint32(0x9E3779B1))
+        bits = bits.reshape(-1)
+        position = jnp.arange(bits.size, dtype=jnp.uint32)
+        multiplier = (position * jnp.uint32(2654435761)) | jnp.uint32(1)
+        return jnp.sum((bits ^ (bits >> 15)) * multiplier, dtype=jnp.uint32)
+
+    return [one(x) for x in jax.tree.leaves(state)]
+
+
+def state_fingerprint(state: Any) -> dict[str, int]:
+    """{leaf path: fingerprint}; saved with each checkpoint and checked on restore."""
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state)]
+    # Replicated scalars: any local copy holds the value (also with several processes).
+    values = [np.asarray(v.addressable_data(0)) for v in _leaf_fingerprints(state)]
+    return {p: int(v) for p, v in zip(paths, values, strict=True)}
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A restored checkpoint's contents differ from what was saved."""
 
 
 class Checkpointer:
-    """Saves ``state`` and the data iterator in one step; keeps the last ``keep``."""
+    """Saves and restores state + data iterator + config; see the module docstring."""
 
-    def __init__(self, workdir: str, *, save_every_steps: int, keep: int):
-        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    def __init__(
+        self, workdir: str, *, save_every_steps: int = 1, keep: int = 1, read_only: bool = False
+    ):
+        self.workdir = os.path.abspath(os.path.expanduser(workdir))
+        self.directory = os.path.join(self.workdir, "checkpoints")
+        best = ocp.checkpoint_managers.BestN(
+            get_metric_fn=_best_metric,
+            reverse=True,  # Sorted by decreasing error: the last (kept) one is the lowest.
+            n=1,
+            keep_checkpoints_without_metrics=False,
+        )
         options = ocp.CheckpointManagerOptions(
-            save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(save_every_steps),
-            preservation_policy=ocp.checkpoint_managers.LatestN(keep),
+            save_decision_policy=ocp.checkpoint_managers.AnySavePolicy(
+                [
+                    ocp.checkpoint_managers.FixedIntervalPolicy(save_every_steps),
+                    ocp.checkpoint_managers.PreemptionCheckpointingPolicy(),
+                ]
+            ),
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(
+                [ocp.checkpoint_managers.LatestN(keep), best]
+            ),
+            best_fn=_best_metric,  # Makes orbax store each step's metrics beside it.
+            best_mode="min",
             enable_async_checkpointing=True,
+            read_only=read_only,
+            create=not read_only,
         )
         self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "data_iter")
+            self.directory,
+            options=options,
+            item_names=("state", "data_iter", "config", "fingerprint"),
         )
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def best_step(self) -> int | None:
+        """The step with the lowest validation top-1 error among those saved with metrics."""
+        scored = [(s, _best_metric(self.manager.metrics(s) or {})) for s in self.all_steps()]
+        scored = [(err, s) for s, err in scored if math.isfinite(err)]
+        return min(scored)[1] if scored else None
+
+    def should_save(self, step: int) -> bool:
+        """Whether the interval (or a multi-process preemption) asks for a save at ``step``."""
+        return self.manager.should_save(step)
+
     def maybe_save(
-        self, step: int, state: Any, data_iter: grain.DatasetIterator, *, force: bool = False
+        self,
+        step: int,
+        state: Any,
+        data_iter: grain.DatasetIterator,
+        *,
+        config: ml_collections.ConfigDict,
+        metrics: Mapping[str, float] | None = None,
+        force: bool = False,
     ) -> bool:
-        """Saves if the interval policy says so (or ``force``); returns whether it saved."""
+        """Saves (in the background) if the interval says so or ``force``; returns whether it did.
+
+        ``metrics`` (e.g. {"val_top1_error": 0.4}) rank the step for best-checkpoint keeping.
+        """
+        if not force and not self.manager.should_save(step):
+            return False
         saved = self.manager.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
                 data_iter=grain.checkpoint.CheckpointSave(data_iter),
+                config=ocp.args.JsonSave(config_to_json(config)),
+                fingerprint=ocp.args.JsonSave(state_fingerprint(state)),
             ),
-            force=force,
+            metrics=dict(metrics or {}),  # {}: not ranked (never "best"), and no orbax warning.
+            force=True,
         )
         if saved:
             logging.info("Saving checkpoint at step %d to %s", step, self.directory)
         return saved
 
-    def restore(self, step: int, abstract_state: Any, data_iter: grain.DatasetIterator) -> Any:
-        """Restores the state (with ``abstract_state``'s shardings) and the iterator in place."""
+    def saved_config(self, step: int) -> dict[str, Any]:
+        """The config JSON saved with ``step``."""
         restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                data_iter=grain.checkpoint.CheckpointRestore(data_iter),
-            ),
+            step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
         )
+        return restored.config
+
+    def restore(
+        self, step: int, abstract_state: Any, data_iter: grain.DatasetIterator | None = None
+    ) -> Any:
+        """Restores the state (with ``abstract_state``'s shardings) and, if given, the iterator.
+
+        Raises CorruptCheckpointError when the restored arrays do not match the
+        fingerprint saved with them (flipped or overwritten bytes that the
+        file format itself does not notice).
+        """
+        items = {
+            "state": ocp.args.StandardRestore(abstract_state),
+            "fingerprint": ocp.args.JsonRestore(),
+        }
+        if data_iter is not None:
+            items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        expected, actual = restored.fingerprint, state_fingerprint(restored.state)
+        bad = sorted(k for k in set(expected) | set(actual) if expected.get(k) != actual.get(k))
+        if bad:
+            raise CorruptCheckpointError(
+                f"restored arrays differ from what was saved at step {step}: {', '.join(bad[:5])}"
+            )
         return restored.state
+
+    def restore_params(self, step: int, abstract_params: Any) -> Any:
+        """Only ``state.params`` of ``step`` (for inference): needs no optimizer or schedule.
+
+        ``abstract_params`` gives shapes, dtypes and shardings (ShapeDtypeStructs).
+        """
+        target = {"params": abstract_params}
+        item = ocp.args.PyTreeRestore(
+            item=target,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True,
+        )
+        return self.manager.restore(step, args=ocp.args.Composite(state=item)).state["params"]
+
+    def restore_latest_usable(
+        self,
+        abstract_state: Any,
+        data_iter: grain.DatasetIterator | None,
+        config: ml_collections.ConfigDict,
+    ) -> tuple[int, Any] | None:
+        """(step, state) from the newest checkpoint that restores; None if there are none.
+
+        A checkpoint that cannot be read is skipped with a warning and the
+        previous one tried; once one restores, the unreadable newer ones are
+        moved to ``checkpoints_unusable/`` so later saves can reuse their
+        step numbers. If none restores, nothing is moved and
+        NoUsableCheckpointError says what failed: the run never starts over
+        silently. A model-changing config difference raises
+        ConfigMismatchError at once.
+        """
+        current = config_to_json(config)
+        failures: list[tuple[int, str]] = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                saved = self.saved_config(step)
+            except Exception as e:  # noqa: BLE001 - any read failure means this step is unusable.
+                failures.append((step, f"its config could not be read ({type(e).__name__}: {e})"))
+                logging.warning(
+                    "Checkpoint at step %d in %s is unusable: %s; trying the previous one",
+                    step,
+                    self.directory,
+                    failures[-1][1],
+                )
+                continue
+            changes = model_config_changes(saved, current)
+            if changes:
+                raise ConfigMismatchError(
+                    f"The config changes fields that define the model, relative to the checkpoint "
+                    f"at step {step} in {self.directory}:\n  "
+                    + "\n  ".join(changes)
+                    + "\nKeep the checkpoint's values, or train the new model in another --workdir."
+                )
+            try:
+                state = self.restore(step, abstract_state, data_iter)
+            except Exception as e:  # noqa: BLE001
+                failures.append((step, f"{type(e).__name__}: {e}"))
+                logging.warning(
+                    "Checkpoint at step %d in %s could not be restored (%s); trying the previous",
+                    step,
+                    self.directory,
+                    failures[-1][1],
+                )
+                continue
+            for bad_step, _ in failures:
+                self._quarantine(bad_step)
+            if failures:
+                self.manager.reload()
+                logging.warning(
+                    "Fell back to the checkpoint at step %d; unusable newer steps %s moved to %s",
+                    step,
+                    [s for s, _ in failures],
+                    os.path.join(self.workdir, QUARANTINE_DIR),
+                )
+            return step, state
+        if failures:
+            details = "\n  ".join(f"step {s}: {why[:300]}" for s, why in failures)
+            raise NoUsableCheckpointError(
+                f"None of the checkpoints in {self.directory} could be restored:\n  {details}\n"
+                "Move the directory away to start a new run, or fix the files."
+            )
+        return None
+
+    def _quarantine(self, step: int) -> None:
+        source = os.path.join(self.directory, str(step))
+        if not os.path.exists(source):
+            return
+        target_dir = os.path.join(self.workdir, QUARANTINE_DIR)
+        os.makedirs(target_dir, exist_ok=True)
+        shutil.move(source, os.path.join(target_dir, f"{step}-{int(time.time())}"))
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.close()
+
+
+class WorkdirLock:
+    """An exclusive ``flock`` on ``workdir/.lock.<process>``, released when the process dies.
+
+    A second launch into the same workdir fails at once, naming the holder;
+    a SIGKILLed run leaves no stale lock behind (the kernel drops it).
+    """
+
+    def __init__(self, workdir: str, process_index: int = 0):
+        self.path = os.path.join(os.path.abspath(workdir), f".lock.{process_index}")
+        self._file = None
+
+    def acquire(self) -> WorkdirLock:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        f = open(self.path, "a+")  # noqa: SIM115 - held open for the lock's lifetime.
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown process"
+            f.close()
+            raise WorkdirInUseError(
+                f"Another run is already training in {os.path.dirname(self.path)} ({holder}). "
+                "Wait for it to finish or stop it, or use another --workdir."
+            ) from None
+        f.seek(0)
+        f.truncate()
+        since = time.strftime("%Y-%m-%d %H:%M:%S")
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {since}\n")
+        f.flush()
+        self._file = f
+        return self
+
+    def release(self) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> WorkdirLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+@jax.jit
+def all_finite(tree: Any) -> jax.Array:
+    """Whether every element of every leaf is finite (checked before each save)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves] or [jnp.bool_(True)]))
+
+
+class StopSignal:
+    """Turns SIGTERM (preemption) into a request to save and stop at the next step boundary.
+
+    With several JAX processes, JAX's preemption sync point (which all
+    processes reach at the same step) decides instead of the local signal.
+    """
+
+    def __init__(self, *, multi_process: bool):
+        self._multi_process = multi_process
+        self._event = threading.Event()
+        self._previous = None
+        if not multi_process and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        del signum, frame
+        self._event.set()
+
+    def should_stop(self, step: int) -> bool:
+        if self._multi_process:
+            try:
+                return multihost_utils.reached_preemption_sync_point(step)
+            except RuntimeError:  # The preemption service is off (no jax.distributed).
+                return False
+        return self._event.is_set()
+
+    def __enter__(self) -> StopSignal:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None

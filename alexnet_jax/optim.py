@@ -1,14 +1,30 @@
-"""The paper's SGD update and learning-rate schedules, built from optax parts."""
+"""The paper's SGD update and learning-rate schedules, built from optax parts.
+
+The learning rate used at step t is ``base_schedule(t) * schedule_state.lr_scale``:
+
+- ``base_schedule`` is a pure function of the step (constant, step drops at
+  fixed epochs, or linear warmup + cosine decay, from ``optax.schedules``);
+- ``ScheduleState`` is the paper's plateau rule (Sec. 5: divide by 10 when the
+  validation error stops improving, three times in all). It changes only
+  when ``observe_validation_error`` is called after an evaluation, lives in
+  the train state and so is saved in every checkpoint.
+
+The train step writes that learning rate into the optimizer state (an
+``optax.inject_hyperparams`` hyperparameter), so every schedule has the same
+optimizer-state structure and the step stays a pure function of the state.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+import flax
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
-SCHEDULES = ("constant",)
+SCHEDULES = ("constant", "plateau", "step", "warmup_cosine")
 
 
 def paper_sgd(
@@ -31,22 +47,139 @@ def paper_sgd(
     )
 
 
-def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-    """The learning rate as a function of the step."""
-    if config.schedule == "constant":
-        return optax.constant_schedule(config.learning_rate)
+@flax.struct.dataclass
+class ScheduleState:
+    """The plateau rule's memory; scalars, checkpointed with the rest of the state."""
+
+    lr_scale: jax.Array  # Multiplies the base schedule; 1, then 0.1, 0.01, ...
+    best_error: jax.Array  # Lowest validation error seen (inf before the first evaluation).
+    evals_since_best: jax.Array  # Evaluations since best_error last improved (or the last drop).
+    num_reductions: jax.Array  # Drops made so far.
+
+
+def init_schedule_state() -> ScheduleState:
+    return ScheduleState(
+        lr_scale=jnp.ones((), jnp.float32),
+        best_error=jnp.full((), jnp.inf, jnp.float32),
+        evals_since_best=jnp.zeros((), jnp.int32),
+        num_reductions=jnp.zeros((), jnp.int32),
+    )
+
+
+def plateau_update(
+    state: ScheduleState,
+    validation_error: jax.Array | float,
+    *,
+    factor: float,
+    patience: int,
+    max_reductions: int,
+    min_delta: float = 0.0,
+) -> ScheduleState:
+    """One evaluation's worth of the plateau rule; pure, so it can run under jit.
+
+    An evaluation improves when its error is below the best by more than
+    ``min_delta``. After ``patience`` evaluations in a row without improvement
+    the learning rate is multiplied by ``factor`` (at most ``max_reductions``
+    times) and the count starts again, so the new rate gets ``patience``
+    evaluations of its own.
+    """
+    error = jnp.asarray(validation_error, jnp.float32)
+    improved = error < state.best_error - min_delta
+    best = jnp.where(improved, error, state.best_error)
+    since = jnp.where(improved, 0, state.evals_since_best + 1)
+    reduce = (since >= patience) & (state.num_reductions < max_reductions)
+    return ScheduleState(
+        lr_scale=jnp.where(reduce, state.lr_scale * factor, state.lr_scale).astype(jnp.float32),
+        best_error=best,
+        evals_since_best=jnp.where(reduce, 0, since).astype(jnp.int32),
+        num_reductions=(state.num_reductions + reduce).astype(jnp.int32),
+    )
+
+
+def observe_validation_error(
+    state: ScheduleState, validation_error: jax.Array | float, config: ml_collections.ConfigDict
+) -> ScheduleState:
+    """The config's plateau rule; other schedules only keep track of the best error."""
+    return plateau_update(
+        state,
+        validation_error,
+        factor=config.lr_decay_factor,
+        patience=config.plateau_patience,
+        max_reductions=config.plateau_max_reductions if config.schedule == "plateau" else 0,
+        min_delta=config.plateau_min_delta,
+    )
+
+
+def learning_rate_schedule(
+    config: ml_collections.ConfigDict,
+    *,
+    steps_per_epoch: int | None = None,
+    total_steps: int | None = None,
+) -> optax.Schedule:
+    """The base learning rate as a function of the step (before the plateau scale).
+
+    ``step`` and ``warmup_cosine`` are defined in epochs, so they need
+    ``steps_per_epoch`` (and ``warmup_cosine`` the run's ``total_steps``).
+    """
+    lr = config.learning_rate
+    if config.schedule in ("constant", "plateau"):
+        return optax.constant_schedule(lr)
+    if steps_per_epoch is None or (config.schedule == "warmup_cosine" and total_steps is None):
+        raise ValueError(f"schedule {config.schedule!r} needs steps_per_epoch and total_steps")
+    if config.schedule == "step":
+        # The drop applies from the first step of each listed epoch on.
+        boundaries = jnp.asarray([round(e * steps_per_epoch) for e in config.lr_step_epochs])
+        factor = config.lr_decay_factor
+        return lambda step: lr * factor ** jnp.sum(step >= boundaries)
+    if config.schedule == "warmup_cosine":
+        warmup = round(config.warmup_epochs * steps_per_epoch)
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0,
+            peak_value=lr,
+            warmup_steps=warmup,
+            decay_steps=max(total_steps, warmup + 1),
+            end_value=0.0,
+        )
     raise ValueError(f"config.schedule must be one of {SCHEDULES}, got {config.schedule!r}")
 
 
+def scaled_learning_rate(
+    learning_rate_fn: optax.Schedule, step: jax.Array, schedule: ScheduleState
+) -> jax.Array:
+    """The learning rate for ``step``: the base schedule times the plateau scale."""
+    return jnp.asarray(learning_rate_fn(step), jnp.float32) * schedule.lr_scale
+
+
+def with_learning_rate(opt_state: Any, learning_rate: jax.Array) -> Any:
+    """``opt_state`` (from ``make_optimizer``) set to use ``learning_rate`` next update."""
+    hyperparams = dict(opt_state.hyperparams)
+    hyperparams["learning_rate"] = jnp.asarray(learning_rate, hyperparams["learning_rate"].dtype)
+    return opt_state._replace(hyperparams=hyperparams)
+
+
+def bias_mask(params: Any) -> Any:
+    """True for every parameter except those named ``bias`` (for weight decay)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], "key", None) != "bias", params
+    )
+
+
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    mask = None
-    if not config.weight_decay_on_biases:
-        mask = lambda params: jax.tree_util.tree_map_with_path(  # noqa: E731
-            lambda path, _: getattr(path[-1], "key", None) != "bias", params
+    """The paper's SGD with the learning rate as a hyperparameter in the optimizer state.
+
+    The train step sets that hyperparameter each step (``with_learning_rate``);
+    until it does, it holds ``config.learning_rate``.
+    """
+    mask = None if config.weight_decay_on_biases else bias_mask
+
+    def sgd(learning_rate):
+        return paper_sgd(
+            learning_rate,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+            weight_decay_mask=mask,
         )
-    return paper_sgd(
-        learning_rate_schedule(config),
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-        weight_decay_mask=mask,
+
+    return optax.inject_hyperparams(sgd, hyperparam_dtype=jnp.float32)(
+        learning_rate=config.learning_rate
     )
