@@ -26,17 +26,34 @@ class _QuietLibraries(std_logging.Filter):
         return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
 
 
+def initialize_distributed(config) -> None:
+    """Joins the multi-host job that ``config.distributed`` describes; call before using devices."""
+    d = config.distributed
+    if not d.initialize:
+        return
+    # Cross-process collectives between CPU hosts (tests, CPU clusters) use gloo;
+    # GPU and TPU backends ignore this setting.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=d.coordinator_address or None,
+        num_processes=None if d.num_processes == -1 else d.num_processes,
+        process_id=None if d.process_id == -1 else d.process_id,
+    )
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietLibraries())
-    logging.info(
-        "JAX process %d/%d, local devices: %s",
-        jax.process_index(),
-        jax.process_count(),
-        jax.local_devices(),
-    )
     try:
+        config_lib.validate(_CONFIG.value)
+        initialize_distributed(_CONFIG.value)
+        logging.info(
+            "JAX process %d/%d, local devices: %s",
+            jax.process_index(),
+            jax.process_count(),
+            jax.local_devices(),
+        )
         train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except (
         config_lib.ConfigError,

@@ -7,7 +7,10 @@ convolutions: on XLA:CPU two ordinary convolutions are about 4x faster.
 
 Activations between tower-local layers are stacked as ``T x B x H x W x C``.
 Towers exchange activations only where the paper's GPUs did: into conv3,
-fc6, fc7 and fc8.
+fc6, fc7 and fc8. Given a mesh, each tower-local layer runs under
+``sharding.tower_map`` (device d computes tower d with its own kernels) and
+each exchange is ``sharding.all_towers``; without one, or on one device, the
+same code loops over both towers in python.
 
 conv1 pads 2 pixels on each side so that a 224x224 crop gives the paper's
 55x55 maps (the torchvision convention; Caffe crops 227 instead).
@@ -22,6 +25,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from alexnet_jax import sharding
 
 NUM_TOWERS = 2
 
@@ -107,6 +113,7 @@ class TowerConv(nn.Module):
 
     ``shared_input`` (B x H x W x C) feeds every tower (conv1, conv3);
     otherwise ``x`` is ``T x B x H x W x C`` and tower t sees only ``x[t]``.
+    With a ``mesh``, each device convolves only its own towers.
     """
 
     features: int
@@ -115,6 +122,7 @@ class TowerConv(nn.Module):
     padding: int
     init: LayerInit
     dtype: Any = jnp.float32
+    mesh: Mesh | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, *, shared_input: bool) -> jax.Array:
@@ -128,30 +136,36 @@ class TowerConv(nn.Module):
         )
         kernel, bias, x = (a.astype(self.dtype) for a in (kernel, bias, x))
         pad = ((self.padding, self.padding),) * 2
-        outputs = []
-        for t in range(NUM_TOWERS):
-            inputs = x if shared_input else x[t]
-            y = jax.lax.conv_general_dilated(
-                inputs,
-                kernel[t],
-                window_strides=(self.stride, self.stride),
-                padding=pad,
-                dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            )
-            outputs.append(y + bias[t])
-        return jnp.stack(outputs)
+
+        def convolve(x, kernel, bias):  # The towers on this device: kernel[t] for t < T_local.
+            outputs = []
+            for t in range(kernel.shape[0]):
+                inputs = x if shared_input else x[t]
+                y = jax.lax.conv_general_dilated(
+                    inputs,
+                    kernel[t],
+                    window_strides=(self.stride, self.stride),
+                    padding=pad,
+                    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                )
+                outputs.append(y + bias[t])
+            return jnp.stack(outputs)
+
+        return sharding.tower_map(convolve, self.mesh, shared_input=shared_input)(x, kernel, bias)
 
 
 class TowerDense(nn.Module):
     """A fully connected layer whose output neurons are split between towers.
 
     Each tower computes ``features`` neurons from the whole input (B x D), as the
-    paper's fc6 and fc7 do; the result is ``T x B x features``.
+    paper's fc6 and fc7 do; the result is ``T x B x features``. With a
+    ``mesh``, each device computes only its own towers' neurons.
     """
 
     features: int
     init: LayerInit
     dtype: Any = jnp.float32
+    mesh: Mesh | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -160,7 +174,11 @@ class TowerDense(nn.Module):
             "bias", nn.initializers.constant(self.init.bias_value), (NUM_TOWERS, self.features)
         )
         kernel, bias, x = (a.astype(self.dtype) for a in (kernel, bias, x))
-        return jnp.einsum("bd,tdf->tbf", x, kernel) + bias[:, None, :]
+
+        def dense(x, kernel, bias):
+            return jnp.einsum("bd,tdf->tbf", x, kernel) + bias[:, None, :]
+
+        return sharding.tower_map(dense, self.mesh, shared_input=True)(x, kernel, bias)
 
 
 def merge_towers(x_T: jax.Array) -> jax.Array:
@@ -178,7 +196,8 @@ class AlexNet(nn.Module):
 
     Returns logits ``B x num_classes``; with ``with_features=True`` returns
     ``(logits, fc7)`` where fc7 (B x 4096 at width 1) is the post-ReLU
-    activation the paper's Fig. 4 compares.
+    activation the paper's Fig. 4 compares. ``mesh`` (a ('data', 'tower')
+    mesh) places each tower on its own devices; parameters do not depend on it.
     """
 
     num_classes: int = 1000
@@ -187,6 +206,7 @@ class AlexNet(nn.Module):
     init_scheme: str = "paper"
     use_lrn: bool = True
     dtype: Any = jnp.float32
+    mesh: Mesh | None = None
 
     @nn.compact
     def __call__(
@@ -195,8 +215,13 @@ class AlexNet(nn.Module):
         inits = layer_inits(self.init_scheme)
         w = self.width
         conv = lambda name, c, k, s, p: TowerConv(  # noqa: E731
-            scaled(c, w), k, s, p, inits[name], self.dtype, name=name
+            scaled(c, w), k, s, p, inits[name], self.dtype, self.mesh, name=name
         )
+        dense = lambda name: TowerDense(  # noqa: E731
+            scaled(2048, w), inits[name], self.dtype, self.mesh, name=name
+        )
+        # The towers' only exchange: every tower device gets all towers' maps.
+        merge = lambda x_T: merge_towers(sharding.all_towers(x_T, self.mesh))  # noqa: E731
         lrn = local_response_norm if self.use_lrn else (lambda x: x)
 
         x = images_BxHxWxC.astype(self.dtype)
@@ -204,17 +229,17 @@ class AlexNet(nn.Module):
         x = _pool_towers(lrn(x))  # T,B,27,27,48
         x = nn.relu(conv("conv2", 128, 5, 1, 2)(x, shared_input=False))  # T,B,27,27,128
         x = _pool_towers(lrn(x))  # T,B,13,13,128
-        x = nn.relu(conv("conv3", 192, 3, 1, 1)(merge_towers(x), shared_input=True))
+        x = nn.relu(conv("conv3", 192, 3, 1, 1)(merge(x), shared_input=True))
         x = nn.relu(conv("conv4", 192, 3, 1, 1)(x, shared_input=False))
         x = nn.relu(conv("conv5", 128, 3, 1, 1)(x, shared_input=False))
         x = _pool_towers(x)  # T,B,6,6,128
-        x = merge_towers(x).reshape(x.shape[1], -1)  # B, 6*6*256
+        x = merge(x).reshape(x.shape[1], -1)  # B, 6*6*256
 
         dropout = nn.Dropout(self.dropout_rate, deterministic=not train)
-        x = dropout(nn.relu(TowerDense(scaled(2048, w), inits["fc6"], self.dtype, name="fc6")(x)))
-        x = merge_towers(x)
-        x = dropout(nn.relu(TowerDense(scaled(2048, w), inits["fc7"], self.dtype, name="fc7")(x)))
-        fc7 = merge_towers(x)
+        x = dropout(nn.relu(dense("fc6")(x)))
+        x = merge(x)
+        x = dropout(nn.relu(dense("fc7")(x)))
+        fc7 = merge(x)
         logits = nn.Dense(
             self.num_classes,
             kernel_init=inits["fc8"].kernel,
@@ -229,10 +254,13 @@ class AlexNet(nn.Module):
 
 
 def _pool_towers(x_T: jax.Array) -> jax.Array:
-    """Max-pool each tower's maps; the tower axis folds into the batch axis."""
-    t, b = x_T.shape[:2]
-    pooled = max_pool_3x3_s2(x_T.reshape(t * b, *x_T.shape[2:]))
-    return pooled.reshape(t, b, *pooled.shape[1:])
+    """Overlapping 3x3/2 max-pooling of each tower's maps (T x B x H x W x C).
+
+    Pools the 5-d array directly: folding T into B would merge a replicated
+    axis with a data-sharded one, which forces an all-gather of the batch.
+    """
+    window, strides = (1, 1, 3, 3, 1), (1, 1, 2, 2, 1)
+    return jax.lax.reduce_window(x_T, -jnp.inf, jax.lax.max, window, strides, "VALID")
 
 
 def count_params(params: Any) -> int:
