@@ -7,6 +7,7 @@ import ml_collections
 from alexnet_jax import model, optim
 
 DATA_SOURCES = ("demo", "prepared")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 class ConfigError(ValueError):
@@ -37,6 +38,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"one of {model.INIT_SCHEMES}",
     )
     _check(0 <= m.dropout_rate < 1, "model.dropout_rate", m.dropout_rate, "a number in [0, 1)")
+    _check(
+        m.compute_dtype in COMPUTE_DTYPES,
+        "model.compute_dtype",
+        m.compute_dtype,
+        f"one of {COMPUTE_DTYPES}",
+    )
     _check(c.batch_size >= 1, "batch_size", c.batch_size, "an integer >= 1")
     _check(c.eval_batch_size >= 1, "eval_batch_size", c.eval_batch_size, "an integer >= 1")
     _check(c.num_epochs > 0, "num_epochs", c.num_epochs, "a number > 0")
@@ -71,6 +78,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "mesh_shape",
         c.mesh_shape,
         f"a tower axis of 1 or {model.NUM_TOWERS}",
+    )
+    d = c.distributed
+    _check(
+        d.num_processes == -1 or d.num_processes >= 1,
+        "distributed.num_processes",
+        d.num_processes,
+        "-1 (auto-detect) or an integer >= 1",
+    )
+    _check(
+        d.process_id == -1 or 0 <= d.process_id < max(d.num_processes, 1),
+        "distributed.process_id",
+        d.process_id,
+        "-1 (auto-detect) or an integer in [0, distributed.num_processes)",
     )
     for f in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         _check(c[f] >= 1, f, c[f], "an integer >= 1")

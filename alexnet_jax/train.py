@@ -38,7 +38,10 @@ class TrainState:
     schedule: optim.ScheduleState  # The plateau rule's memory (learning-rate scale, best error).
 
 
-def build_model(config: ml_collections.ConfigDict) -> AlexNet:
+def build_model(
+    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None
+) -> AlexNet:
+    """The config's AlexNet; with ``mesh``, each tower computes on its own devices."""
     m = config.model
     return AlexNet(
         num_classes=m.num_classes,
@@ -46,6 +49,8 @@ def build_model(config: ml_collections.ConfigDict) -> AlexNet:
         dropout_rate=m.dropout_rate,
         init_scheme=m.init_scheme,
         use_lrn=m.use_lrn,
+        dtype=jnp.dtype(m.compute_dtype),
+        mesh=mesh,
     )
 
 
@@ -53,7 +58,8 @@ def init_state(model: AlexNet, optimizer: optax.GradientTransformation, seed: in
     """A fresh state; pure, so it can run under jit with sharded outputs."""
     init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed))
     images = jnp.zeros((1, *IMAGE_SHAPE), jnp.float32)
-    params = model.init({"params": init_rng}, images, train=False)["params"]
+    # Parameters do not depend on placement; jit's out_shardings place them.
+    params = model.clone(mesh=None).init({"params": init_rng}, images, train=False)["params"]
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -123,7 +129,8 @@ def evaluate(
     config: ml_collections.ConfigDict,
 ) -> dict[str, float]:
     """Mean loss and top-1/top-5 error over the validation split (centre crop)."""
-    local_batch = config.eval_batch_size // jax.process_count()
+    shard_index, shard_count = sharding.process_data_shard(mesh)
+    local_batch = config.eval_batch_size // shard_count
     totals: dict[str, float] = {}
     for local in pipeline.eval_iterator(
         dataset,
@@ -131,8 +138,8 @@ def evaluate(
         num_workers=config.data.num_workers,
         num_threads=config.data.num_threads,
         input_scale=config.data.input_scale,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
+        process_index=shard_index,
+        process_count=shard_count,
     ):
         sums = jax.device_get(eval_fn(params, sharding.global_batch(mesh, pad_batch(local, local_batch))))
         for k, v in sums.items():
@@ -225,7 +232,7 @@ def _train_and_evaluate(
     )
     eval_every_steps = max(1, round(config.eval_every_epochs * steps_per_epoch))
 
-    model = build_model(config)
+    model = build_model(config, mesh)
     learning_rate_fn = optim.learning_rate_schedule(
         config, steps_per_epoch=steps_per_epoch, total_steps=total_steps
     )
@@ -260,8 +267,9 @@ def _train_and_evaluate(
         num_workers=config.data.num_workers,
         num_threads=config.data.num_threads,
         input_scale=config.data.input_scale,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
+        # Processes on the same rows of the data axis read the same examples.
+        process_index=sharding.process_data_shard(mesh)[0],
+        process_count=sharding.process_data_shard(mesh)[1],
     )
     ckpt = checkpoint.Checkpointer(
         workdir, save_every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints

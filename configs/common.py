@@ -26,6 +26,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.init_scheme = "paper"  # "paper" (N(0,0.01), bias 1) or "he" (variance scaling, bias 0.1).
     config.model.dropout_rate = 0.5  # On fc6 and fc7 outputs during training.
     config.model.use_lrn = True  # Local response normalization after conv1 and conv2.
+    config.model.compute_dtype = "float32"  # "float32" or "bfloat16" (GPU/TPU); params stay f32.
 
     config.batch_size = 128  # Global batch, split over the mesh's data axis.
     config.eval_batch_size = 256  # Global batch for validation.
@@ -44,6 +45,14 @@ def base_config() -> ml_collections.ConfigDict:
     config.weight_decay_on_biases = True  # The paper decays biases too.
 
     config.mesh_shape = (-1, 1)  # (data, tower) device mesh; -1 takes the remaining devices.
+
+    # Multi-host: each process runs launch.py with the same config. On TPU pods, SLURM and
+    # Open MPI, initialize=True alone suffices (JAX detects the cluster); elsewhere set the rest.
+    config.distributed = ml_collections.ConfigDict()
+    config.distributed.initialize = False  # Call jax.distributed.initialize before training.
+    config.distributed.coordinator_address = ""  # "host:port" of process 0; "" = auto-detect.
+    config.distributed.num_processes = -1  # Processes in the job; -1 = auto-detect.
+    config.distributed.process_id = -1  # This process's index (0 = coordinator); -1 = auto-detect.
 
     config.log_every_steps = 50  # Log a progress line (and write metrics) this often.
     config.eval_every_epochs = 1  # Evaluate on the validation split this often (and at the end).
