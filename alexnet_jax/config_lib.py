@@ -66,6 +66,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
     )
     _check(c.warmup_epochs >= 0, "warmup_epochs", c.warmup_epochs, "a number >= 0")
     _check(0 <= c.momentum < 1, "momentum", c.momentum, "a number in [0, 1)")
+    _check(c.optimizer in optim.OPTIMIZERS, "optimizer", c.optimizer, f"one of {optim.OPTIMIZERS}")
+    _check(
+        c.lars_trust_coefficient > 0,
+        "lars_trust_coefficient",
+        c.lars_trust_coefficient,
+        "a number > 0 (0.001 in You et al.)",
+    )
+    _check(
+        c.lr_reference_batch_size >= 0,
+        "lr_reference_batch_size",
+        c.lr_reference_batch_size,
+        "0 (no scaling) or the batch size learning_rate refers to, e.g. 256",
+    )
     _check(c.weight_decay >= 0, "weight_decay", c.weight_decay, "a number >= 0")
     _check(
         len(c.mesh_shape) == 2 and all(d == -1 or d >= 1 for d in c.mesh_shape),

@@ -25,6 +25,7 @@ import ml_collections
 import optax
 
 SCHEDULES = ("constant", "plateau", "step", "warmup_cosine")
+OPTIMIZERS = ("sgd", "lars")
 
 
 def paper_sgd(
@@ -45,6 +46,42 @@ def paper_sgd(
         optax.scale_by_learning_rate(learning_rate),
         optax.trace(decay=momentum, nesterov=False),
     )
+
+
+def lars(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    momentum: float,
+    weight_decay: float,
+    trust_coefficient: float,
+    weight_decay_mask: Any = None,
+) -> optax.GradientTransformation:
+    """LARS (You et al., 2017), the rule that trained AlexNet with batches of 8k-32k.
+
+    Each weight tensor's step is scaled by ``trust_coefficient * ||w|| / ||g + wd * w||``
+    (a two-tower kernel counts as one layer), so the step is a fixed fraction of
+    the weights whatever the batch; biases skip the trust ratio (their norms
+    start near zero). Momentum accumulates lr-scaled steps, as in ``paper_sgd``.
+    """
+    return optax.lars(
+        learning_rate,
+        weight_decay=weight_decay,
+        weight_decay_mask=True if weight_decay_mask is None else weight_decay_mask,
+        trust_coefficient=trust_coefficient,
+        trust_ratio_mask=bias_mask,
+        momentum=momentum,
+    )
+
+
+def base_learning_rate(config: ml_collections.ConfigDict) -> float:
+    """``config.learning_rate``, scaled linearly with the global batch (Goyal et al., 2017).
+
+    With ``lr_reference_batch_size`` > 0 the rate is ``learning_rate * batch_size /
+    lr_reference_batch_size``, so a pod preset states the rate per reference batch.
+    """
+    if config.lr_reference_batch_size > 0:
+        return config.learning_rate * config.batch_size / config.lr_reference_batch_size
+    return config.learning_rate
 
 
 @flax.struct.dataclass
@@ -121,7 +158,7 @@ def learning_rate_schedule(
     ``step`` and ``warmup_cosine`` are defined in epochs, so they need
     ``steps_per_epoch`` (and ``warmup_cosine`` the run's ``total_steps``).
     """
-    lr = config.learning_rate
+    lr = base_learning_rate(config)
     if config.schedule in ("constant", "plateau"):
         return optax.constant_schedule(lr)
     if steps_per_epoch is None or (config.schedule == "warmup_cosine" and total_steps is None):
@@ -173,6 +210,14 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     mask = None if config.weight_decay_on_biases else bias_mask
 
     def sgd(learning_rate):
+        if config.optimizer == "lars":
+            return lars(
+                learning_rate,
+                momentum=config.momentum,
+                weight_decay=config.weight_decay,
+                trust_coefficient=config.lars_trust_coefficient,
+                weight_decay_mask=mask,
+            )
         return paper_sgd(
             learning_rate,
             momentum=config.momentum,

@@ -41,6 +41,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.lr_step_epochs = (30, 60, 80)  # step: epochs at which the learning rate drops.
     config.warmup_epochs = 5.0  # warmup_cosine: linear warmup from 0, then cosine decay to 0.
     config.momentum = 0.9  # SGD momentum.
+    config.optimizer = "sgd"  # "sgd" (the paper's rule) or "lars" (layer-wise steps, big batches).
+    config.lars_trust_coefficient = 0.001  # lars: a layer's step is this times ||w|| / ||g||.
+    config.lr_reference_batch_size = 0  # > 0: learning_rate is per this batch, scaled linearly.
     config.weight_decay = 5e-4  # Applied to all weights, as in the paper.
     config.weight_decay_on_biases = True  # The paper decays biases too.
 
