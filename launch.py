@@ -1,6 +1,6 @@
 """Entry point: parses the config and workdir, then trains.
 
-    python launch.py --config=configs/demo.py --workdir=/tmp/alexnet_demo --config.batch_size=32
+python launch.py --config=configs/demo.py --workdir=/tmp/alexnet_demo --config.batch_size=32
 """
 
 import logging as std_logging

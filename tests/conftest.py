@@ -37,3 +37,15 @@ def tiny_config(data_dir: str):
     config.log_every_steps = 2
     config.checkpoint_every_steps = 2
     return config
+
+
+@pytest.fixture(scope="session")
+def tiny_trained_workdir(tiny_demo_dir, tmp_path_factory):
+    """A workdir holding a 2-step ``tiny_config`` run (checkpoint, config, metrics.jsonl)."""
+    from alexnet_jax import train
+
+    workdir = str(tmp_path_factory.mktemp("tiny_trained"))
+    config = tiny_config(tiny_demo_dir)
+    config.max_steps = 2
+    train.train_and_evaluate(config, workdir)
+    return workdir

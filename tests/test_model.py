@@ -13,7 +13,9 @@ from alexnet_jax.model import AlexNet
 
 def _abstract_params(net: AlexNet):
     return jax.eval_shape(
-        lambda: net.init({"params": jax.random.PRNGKey(0)}, jnp.zeros((1, 224, 224, 3)), train=False)
+        lambda: net.init(
+            {"params": jax.random.PRNGKey(0)}, jnp.zeros((1, 224, 224, 3)), train=False
+        )
     )["params"]
 
 
@@ -34,9 +36,7 @@ def test_per_tower_kernel_shapes():
 
 
 def test_width_and_classes_scale_the_same_network():
-    shapes = jax.tree.map(
-        lambda a: a.shape, _abstract_params(AlexNet(num_classes=10, width=0.25))
-    )
+    shapes = jax.tree.map(lambda a: a.shape, _abstract_params(AlexNet(num_classes=10, width=0.25)))
     assert shapes["conv1"]["kernel"] == (2, 11, 11, 3, 12)
     assert shapes["fc6"]["kernel"] == (2, 6 * 6 * 64, 512)
     assert shapes["fc8"]["kernel"] == (1024, 10)
@@ -63,7 +63,10 @@ def test_spatial_sizes_55_27_13_6_and_output_shapes():
 
 
 def _lrn_reference(a, k=2.0, n=5, alpha=1e-4, beta=0.75):
-    """Sec. 3.3 written out: b_c = a_c / (k + alpha * sum_{j=max(0,c-n/2)}^{min(N-1,c+n/2)} a_j^2)^beta."""
+    """Sec. 3.3 written out, window clipped at the edges:
+
+    b_c = a_c / (k + alpha * sum_{j=max(0, c-n/2)}^{min(N-1, c+n/2)} a_j^2) ** beta
+    """
     a = np.asarray(a, np.float64)
     channels = a.shape[-1]
     out = np.empty_like(a)
@@ -100,8 +103,16 @@ def test_paper_init_statistics():
         "params"
     ]
     assert abs(float(jnp.std(params["fc6"]["kernel"])) - 0.01) < 2e-4
-    for name, bias in [("conv1", 0), ("conv2", 1), ("conv3", 0), ("conv4", 1), ("conv5", 1),
-                       ("fc6", 1), ("fc7", 1), ("fc8", 0)]:
+    for name, bias in [
+        ("conv1", 0),
+        ("conv2", 1),
+        ("conv3", 0),
+        ("conv4", 1),
+        ("conv5", 1),
+        ("fc6", 1),
+        ("fc7", 1),
+        ("fc8", 0),
+    ]:
         assert np.all(np.asarray(params[name]["bias"]) == bias), name
 
 
@@ -144,6 +155,7 @@ def test_conv2_of_tower0_does_not_see_tower1(small_net_and_params):
 def test_conv3_sees_both_towers(small_net_and_params):
     net, params, images = small_net_and_params
     for tower in (0, 1):
+
         def tower_conv3(conv1_kernel, tower=tower):
             p = {**params, "conv1": {**params["conv1"], "kernel": conv1_kernel}}
             return jnp.sum(_intermediate(net, p, images, "conv3")[tower] ** 2)

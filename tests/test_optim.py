@@ -28,7 +28,9 @@ def test_paper_update_matches_hand_written_loop_with_lr_drop():
     for g in grads:
         updates, state = tx.update({"w": jnp.asarray(g, jnp.float32)}, state, params)
         params = optax.apply_updates(params, updates)
-    np.testing.assert_allclose(np.asarray(params["w"]), _paper_loop(w0, grads, lrs), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        np.asarray(params["w"]), _paper_loop(w0, grads, lrs), rtol=1e-5, atol=1e-7
+    )
 
 
 def test_lr_drop_does_not_rescale_existing_velocity():
@@ -44,5 +46,7 @@ def test_lr_drop_does_not_rescale_existing_velocity():
         updates, state = tx.update({"w": jnp.asarray(g, jnp.float32)}, state, params)
         params = optax.apply_updates(params, updates)
     # Step 2 moves by 0.9 * 0.1 (the old velocity), not 0.9 * 0.001.
-    np.testing.assert_allclose(np.asarray(params["w"]), _paper_loop(w0, grads, lrs, weight_decay=0.0), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(params["w"]), _paper_loop(w0, grads, lrs, weight_decay=0.0), rtol=1e-6
+    )
     np.testing.assert_allclose(np.asarray(params["w"]), 1 - 0.1 - 0.09, rtol=1e-6)

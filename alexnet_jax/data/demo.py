@@ -162,7 +162,9 @@ def ensure(data_dir: str, *, train_per_class: int, val_per_class: int, seed: int
         }
         if found == wanted:
             return metadata
-        logging.info("Demo dataset in %s is stale (%s != %s): regenerating", data_dir, found, wanted)
+        logging.info(
+            "Demo dataset in %s is stale (%s != %s): regenerating", data_dir, found, wanted
+        )
         shutil.rmtree(data_dir)
     logging.info("Generating the demo dataset in %s (first use only)...", data_dir)
     return generate(
