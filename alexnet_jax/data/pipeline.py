@@ -112,6 +112,12 @@ class Preprocessing:
     crop_size: int = CROP_SIZE
 
     @classmethod
+    def paper(cls, dataset: Dataset, scale: float = 1.0) -> Preprocessing:
+        """The paper's choices: mean image, PCA noise from the dataset's statistics."""
+        eigenvalues, eigenvectors = dataset.rgb_eigen()
+        return cls(dataset.mean_image(), eigenvalues, eigenvectors, scale=scale)
+
+    @classmethod
     def from_config(cls, data: ml_collections.ConfigDict, dataset: Dataset) -> Preprocessing:
         """Resolves ``config.data``'s choices against ``dataset``'s statistics."""
         mean = augment.mean_for_subtraction(dataset.mean_image(), data.mean_subtraction)
@@ -220,7 +226,8 @@ def train_iterator(
     *,
     batch_size: int,
     seed: int,
-    preprocessing: Preprocessing,
+    preprocessing: Preprocessing | None = None,
+    input_scale: float = 1.0,
     num_workers: int = 0,
     num_threads: int = 2,
     prefetch: int = 0,
@@ -232,7 +239,9 @@ def train_iterator(
     The whole training set is reshuffled every epoch from ``seed``; each JAX
     process takes every ``process_count``-th example of that order, so the
     processes' batches together form the global batch. ``batch_size`` is global.
+    Without ``preprocessing``, the paper's (``Preprocessing.paper``) at ``input_scale``.
     """
+    preprocessing = preprocessing or Preprocessing.paper(dataset, input_scale)
     if batch_size % process_count:
         raise ValueError(f"batch_size {batch_size} is not divisible by {process_count} processes")
     ds = grain.MapDataset.source(dataset.source("train")).seed(seed).shuffle().repeat(None)
@@ -252,7 +261,8 @@ def eval_iterator(
     dataset: Dataset,
     *,
     batch_size: int,
-    preprocessing: Preprocessing,
+    preprocessing: Preprocessing | None = None,
+    input_scale: float = 1.0,
     ten_crop: bool = False,
     num_workers: int = 0,
     num_threads: int = 2,
@@ -265,8 +275,10 @@ def eval_iterator(
 
     Images are B x crop x crop x 3 (centre patch), or with ``ten_crop``
     B x 10 x crop x crop x 3; average the softmax over axis 1 with
-    ``augment.average_crop_softmax``.
+    ``augment.average_crop_softmax``. Without ``preprocessing``, the paper's
+    at ``input_scale`` (PCA noise is never applied in evaluation).
     """
+    preprocessing = preprocessing or Preprocessing.paper(dataset, input_scale)
     ds = grain.MapDataset.source(dataset.source(split))[process_index::process_count]
     transform = TenCropTransform if ten_crop else EvalTransform
     ds = ds.map(transform(preprocessing))
