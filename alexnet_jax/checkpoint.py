@@ -252,17 +252,37 @@ class Checkpointer:
         return restored.state
 
     def restore_params(self, step: int, abstract_params: Any) -> Any:
-        """Only ``state.params`` of ``step`` (for inference): needs no optimizer or schedule.
+        """Only ``state.params`` of ``step`` (for inference), checked like ``restore``.
 
         ``abstract_params`` gives shapes, dtypes and shardings (ShapeDtypeStructs).
+        Reads nothing of the optimizer or schedule state.
         """
-        target = {"params": abstract_params}
-        item = ocp.args.PyTreeRestore(
-            item=target,
-            restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=True,
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item={"params": abstract_params},
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(
+                        {"params": abstract_params}
+                    ),
+                    partial_restore=True,
+                ),
+                fingerprint=ocp.args.JsonRestore(),
+            ),
         )
-        return self.manager.restore(step, args=ocp.args.Composite(state=item)).state["params"]
+        params = restored.state["params"]
+        expected = {k: v for k, v in restored.fingerprint.items() if k.startswith(".params")}
+        # The saved keys are TrainState paths (".params['conv1']..."); match them.
+        prefix = len("['params']")
+        actual = {
+            ".params" + k[prefix:]: v for k, v in state_fingerprint({"params": params}).items()
+        }
+        bad = sorted(k for k in set(expected) | set(actual) if expected.get(k) != actual.get(k))
+        if bad:
+            raise CorruptCheckpointError(
+                f"restored params differ from what was saved at step {step}: {', '.join(bad[:5])}"
+            )
+        return params
 
     def restore_latest_usable(
         self,
