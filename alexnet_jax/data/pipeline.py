@@ -221,6 +221,18 @@ def _batched_iter(
     return it
 
 
+def train_records(
+    dataset: Dataset, seed: int, process_index: int = 0, process_count: int = 1
+) -> grain.MapDataset:
+    """This process's endless stream of raw training records, in the global shuffled order.
+
+    The whole training set is reshuffled every epoch from ``seed``; process
+    ``p`` takes positions p, p + process_count, ... of that order.
+    """
+    ds = grain.MapDataset.source(dataset.source("train")).seed(seed).shuffle().repeat(None)
+    return ds[process_index::process_count]
+
+
 def train_iterator(
     dataset: Dataset,
     *,
@@ -244,8 +256,8 @@ def train_iterator(
     preprocessing = preprocessing or Preprocessing.paper(dataset, input_scale)
     if batch_size % process_count:
         raise ValueError(f"batch_size {batch_size} is not divisible by {process_count} processes")
-    ds = grain.MapDataset.source(dataset.source("train")).seed(seed).shuffle().repeat(None)
-    ds = ds[process_index::process_count].random_map(TrainTransform(preprocessing))
+    ds = train_records(dataset, seed, process_index, process_count)
+    ds = ds.random_map(TrainTransform(preprocessing))
     it = _batched_iter(
         ds,
         batch_size=batch_size // process_count,

@@ -1,0 +1,155 @@
+"""The grain pipeline (alexnet_jax/data/pipeline.py): determinism, resume, sharding, dtypes."""
+
+import re
+import subprocess
+import sys
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from alexnet_jax import config_lib
+from alexnet_jax.data import augment, pipeline, records
+from tests.conftest import ROOT, tiny_config
+
+
+@pytest.fixture(scope="module")
+def dataset(tiny_demo_dir):
+    return pipeline.open_dataset(tiny_demo_dir, how_to_prepare="(test data)")
+
+
+def _take(iterator, n):
+    return [next(iterator) for _ in range(n)]
+
+
+def _train(dataset, **kwargs):
+    kwargs = {"batch_size": 16, "seed": 0, "num_threads": 1, **kwargs}
+    return pipeline.train_iterator(dataset, **kwargs)
+
+
+def test_same_seed_same_batches_whatever_the_threads(dataset):
+    a = _take(_train(dataset, num_threads=1), 3)
+    b = _take(_train(dataset, num_threads=2), 3)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x["images"], y["images"])
+        np.testing.assert_array_equal(x["labels"], y["labels"])
+    c = next(_train(dataset, seed=1))
+    assert not np.array_equal(a[0]["images"], c["images"])
+    assert a[0]["images"].shape == (16, 224, 224, 3) and a[0]["images"].dtype == np.float32
+
+
+def test_restored_iterator_continues_with_exactly_the_next_batch(dataset):
+    original = _train(dataset)
+    _take(original, 2)
+    state = original.get_state()
+    expected = _take(original, 2)
+    restored = _train(dataset)
+    restored.set_state(state)
+    for x, y in zip(expected, _take(restored, 2), strict=True):
+        np.testing.assert_array_equal(x["images"], y["images"])
+        np.testing.assert_array_equal(x["labels"], y["labels"])
+
+
+def _keys(records_ds, n):
+    return [records.decode_example(r)["key"] for r in _take(iter(records_ds), n)]
+
+
+def test_every_epoch_is_a_fresh_permutation_of_the_whole_set(dataset):
+    n = dataset.num_examples("train")  # 80
+    keys = _keys(pipeline.train_records(dataset, seed=0), 2 * n)
+    first, second = keys[:n], keys[n:]
+    assert sorted(first) == sorted(second) and len(set(first)) == n
+    assert first != second
+
+
+def test_processes_read_disjoint_halves_of_the_global_order(dataset):
+    n = dataset.num_examples("train")
+    whole = _keys(pipeline.train_records(dataset, seed=0), n)
+    halves = [_keys(pipeline.train_records(dataset, 0, p, 2), n // 2) for p in range(2)]
+    assert halves[0] == whole[0::2] and halves[1] == whole[1::2]
+    batch = next(_train(dataset, process_index=1, process_count=2))
+    assert batch["images"].shape[0] == 8  # The global batch of 16, halved.
+
+
+def test_pca_noise_is_a_per_image_rgb_offset_in_the_pipeline(dataset):
+    with_pca = pipeline.Preprocessing.paper(dataset)
+    without = pipeline.Preprocessing(with_pca.mean, None, None)
+    a = next(_train(dataset, preprocessing=with_pca))["images"]
+    b = next(_train(dataset, preprocessing=without))["images"]
+    offsets = (a - b).reshape(16, -1, 3)
+    np.testing.assert_allclose(offsets, np.broadcast_to(offsets[:, :1], offsets.shape), atol=1e-3)
+    assert np.abs(offsets[:, 0]).max() > 0.01
+    assert len({tuple(np.round(o, 4)) for o in offsets[:, 0]}) == 16  # Drawn per image.
+
+
+def test_bfloat16_batches_match_float32(dataset):
+    config = tiny_config(dataset.data_dir)
+    config.data.dtype = "bfloat16"
+    p16 = pipeline.Preprocessing.from_config(config.data, dataset)
+    config.data.dtype = "float32"
+    p32 = pipeline.Preprocessing.from_config(config.data, dataset)
+    a = next(_train(dataset, preprocessing=p16))["images"]
+    b = next(_train(dataset, preprocessing=p32))["images"]
+    assert a.dtype == ml_dtypes.bfloat16 and a.nbytes == b.nbytes // 2
+    np.testing.assert_allclose(a.astype(np.float32), b, rtol=1 / 128, atol=1e-2)
+
+
+def test_preprocessing_from_config_options(dataset):
+    config = tiny_config(dataset.data_dir)
+    p = pipeline.Preprocessing.from_config(config.data, dataset)
+    np.testing.assert_array_equal(p.mean, dataset.mean_image())
+    np.testing.assert_array_equal(p.eigenvalues, dataset.metadata["rgb_eigenvalues"])
+    assert p.scale == config.data.input_scale
+    config.data.mean_subtraction = "channel"
+    config.data.pca_stats = "paper"
+    p = pipeline.Preprocessing.from_config(config.data, dataset)
+    np.testing.assert_allclose(p.mean[0, 0], p.mean[100, 200])
+    np.testing.assert_array_equal(p.eigenvectors, augment.PAPER_EIGENVECTORS)
+    config.data.pca_colour = False
+    assert pipeline.Preprocessing.from_config(config.data, dataset).eigenvalues is None
+    config.data.dtype = "float16"
+    with pytest.raises(config_lib.ConfigError, match=r"config.data.dtype = 'float16'.*bfloat16"):
+        config_lib.validate(config)
+
+
+def test_ten_crop_eval_batches(dataset):
+    preprocessing = pipeline.Preprocessing.paper(dataset)
+    kwargs = {"batch_size": 8, "num_threads": 1, "preprocessing": preprocessing}
+    ten = list(pipeline.eval_iterator(dataset, ten_crop=True, **kwargs))
+    centre = list(pipeline.eval_iterator(dataset, **kwargs))
+    assert [b["images"].shape for b in ten] == [(8, 10, 224, 224, 3)] * 2 + [(4, 10, 224, 224, 3)]
+    for t, c in zip(ten, centre, strict=True):
+        np.testing.assert_allclose(t["images"][:, 4], c["images"], atol=1e-4)  # Crop 4: centre.
+        np.testing.assert_allclose(t["images"][:, 9], c["images"][:, :, ::-1], atol=1e-4)
+        np.testing.assert_array_equal(t["labels"], c["labels"])
+
+
+def test_input_pipeline_benchmark_command_prints_its_fields():
+    command = [
+        sys.executable,
+        "-m",
+        "alexnet_jax.benchmarks.input_pipeline",
+        "--samples_dir=",
+        "--synthetic_images=8",
+        "--batch_size=4",
+        "--rounds=1",
+        "--batches_per_round=1",
+        "--train_width=0.0625",
+        "--train_steps=1",
+    ]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    numbers = {}
+    for line in result.stdout.splitlines():
+        match = re.match(r"\s+(.+):\s+([\d.]+) (images/s|x)$", line)
+        if match:
+            numbers[match.group(1)] = float(match.group(2))
+    assert len(numbers) == 6, result.stdout
+    rates = [v for k, v in numbers.items() if "/" not in k]
+    assert all(v > 0 for v in numbers.values())
+    pipeline_rate, loader_rate, step_rate = rates[1], rates[2], rates[3]
+    ratios = [v for k, v in numbers.items() if "/" in k]
+    np.testing.assert_allclose(
+        ratios, [pipeline_rate / loader_rate, pipeline_rate / step_rate], rtol=0.01
+    )
+    assert "synthetic" in result.stdout and "keeps up" in result.stdout
