@@ -23,7 +23,7 @@ def get_config():
     config.data.input_scale = 1 / 64  # Roughly unit-variance inputs suit the "he" init.
     config.batch_size = 64
     config.eval_batch_size = 100
-    config.num_epochs = 6
+    config.num_epochs = 10
     config.learning_rate = 0.01
     config.log_every_steps = 10
     config.checkpoint_every_steps = 100
