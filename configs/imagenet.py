@@ -1,5 +1,12 @@
 """The paper's run: ILSVRC-2012, batch 128, lr 0.01, momentum 0.9, wd 5e-4, 90 epochs.
 
+Prepare the data once (ILSVRC tars, a train/val folder layout, or tfds:imagenet2012):
+
+    python -m alexnet_jax.data.prepare --source=/path/to/ilsvrc2012 \
+        --output_dir=/path/to/imagenet2012_prepared
+
+then train on it (random 224 crops, mirrors, mean image, PCA colour: config.data):
+
     python launch.py --config=configs/imagenet.py --workdir=/path/to/workdir \
         --config.data.dir=/path/to/imagenet2012_prepared
 

@@ -184,7 +184,7 @@ def run(
             for f in names
         )
         start = time.perf_counter()
-        prepare.prepare(source, os.path.join(tmp, "prepared"), num_workers=0)
+        prepare.prepare(source, os.path.join(tmp, "prepared"), splits=("train",), num_workers=0)
         prepare_rate = len(files) / (time.perf_counter() - start)
 
         dataset = pipeline.open_dataset(os.path.join(tmp, "prepared"), how_to_prepare="-")
