@@ -1,0 +1,376 @@
+"""Top-1 and top-5 error on the validation split, laid out like the paper's Tables 1 and 2.
+
+    python -m alexnet_jax.evaluate --workdir=/tmp/alexnet_demo
+    python -m alexnet_jax.evaluate --workdir=/tmp/alexnet_demo --ten_crop
+    python -m alexnet_jax.evaluate --workdir=RUN1 --ten_crop RUN2 RUN3 RUN4 RUN5  # 5 CNNs
+
+Each workdir's checkpoint (``--checkpoint=latest``, ``best`` by validation
+error, or a step number) is restored with the config saved in it. Every
+model sees the same images: the centre 224x224 patch, and with
+``--ten_crop`` also the paper's ten patches (four corners, centre, and their
+mirror images) whose softmax outputs are averaged (Sec. 4.1). With several
+workdirs the models' softmax outputs are averaged as well, as the paper's
+ensembles do (Table 2), and each model is also reported alone.
+
+Images are decoded once for all models; each model then subtracts its own
+mean image and applies its own input scale on the device. Progress and an
+ETA go to the log; the table goes to stdout and everything to a JSON file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+
+from alexnet_jax import checkpoint, metrics, predict, sharding, train
+from alexnet_jax.data import augment, pipeline
+
+CENTRE_VIEW = augment.TEN_CROP_POSITIONS.index("centre")  # The centre patch among the ten.
+# The paper's Table 2 (ILSVRC-2012 validation set): shown beside 1000-class results.
+PAPER_ROWS = (
+    ("Paper (Table 2): 1 CNN", 0.407, 0.182),
+    ("Paper (Table 2): 5 CNNs averaged", 0.381, 0.164),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+    """One model of the evaluation: its trained weights and how its inputs are prepared."""
+
+    workdir: str
+    trained: predict.TrainedModel
+
+    @property
+    def name(self) -> str:
+        return f"{os.path.basename(self.workdir.rstrip('/'))}@{self.trained.step}"
+
+
+def resolve_step(workdir: str, which: str) -> int | None:
+    """ "latest" -> None (load_trained's default), "best" -> the lowest-val-error step, "N" -> N."""
+    if which == "latest":
+        return None
+    if which.isdigit():
+        return int(which)
+    if which != "best":
+        raise ValueError(f"--checkpoint must be 'latest', 'best' or a step number, got {which!r}")
+    ckpt = checkpoint.Checkpointer(workdir, read_only=True)
+    try:
+        best = ckpt.best_step()
+    finally:
+        ckpt.close()
+    if best is None:
+        raise ValueError(
+            f"No checkpoint in {workdir} was saved with a validation error, so none is 'best'; "
+            "use --checkpoint=latest"
+        )
+    return best
+
+
+def load_members(
+    workdirs: Sequence[str], *, which: str = "latest", data_dir: str | None = None
+) -> list[Member]:
+    """Restores each workdir's params; all must predict the same classes."""
+    members = []
+    for workdir in workdirs:
+        workdir = os.path.abspath(os.path.expanduser(workdir))
+        trained = predict.load_trained(
+            workdir, step=resolve_step(workdir, which), data_dir=data_dir
+        )
+        members.append(Member(workdir, trained))
+    first = members[0].trained
+    for m in members[1:]:
+        if m.trained.classes != first.classes:
+            raise ValueError(
+                f"{m.workdir} predicts different classes from {members[0].workdir}: "
+                "an ensemble needs models trained on the same class list"
+            )
+    return members
+
+
+def _mean_views(member: Member, *, ten_crop: bool) -> np.ndarray:
+    """The member's mean image cut into the same views as the images (V x 224 x 224 x 3).
+
+    Cropping commutes with subtracting, so (views - mean views) * scale equals
+    the pipeline's crops of (image - mean) * scale, bit for bit.
+    """
+    mean = member.trained.preprocessing.mean
+    if ten_crop:
+        return augment.ten_crops(mean)
+    top, left = augment.center_crop_window(*mean.shape[:2])
+    return augment.crop(mean, top, left, augment.CROP_SIZE)[None]
+
+
+def make_batch_fn(members: Sequence[Member], *, ten_crop: bool):
+    """Jitted (params, mean views, batch) -> summed top-1/top-5 errors of every row of the table.
+
+    ``batch["images"]`` is B x V x 224 x 224 x 3 raw pixels (V = 10 or 1).
+    Result keys: "<member index>/<crops>/<k>" and "ensemble/<crops>/<k>",
+    with crops "centre" or "ten", plus "count".
+    """
+    models = [m.trained.model for m in members]
+    scales = [float(m.trained.preprocessing.scale) for m in members]
+
+    @jax.jit
+    def batch_errors(params_list, means_list, batch):
+        views = batch["images"].astype(jnp.float32)
+        b, v = views.shape[:2]
+        labels, mask = batch["labels"], batch["mask"]
+        probabilities: dict[str, list[jax.Array]] = {"centre": [], "ten": []}
+        for model, scale, params, means in zip(
+            models, scales, params_list, means_list, strict=True
+        ):
+            x = (views - means[None]) * scale
+            logits = model.apply({"params": params}, x.reshape(b * v, *x.shape[2:]), train=False)
+            logits = logits.reshape(b, v, -1)
+            centre = logits[:, CENTRE_VIEW] if ten_crop else logits[:, 0]
+            probabilities["centre"].append(jax.nn.softmax(centre.astype(jnp.float32), axis=-1))
+            if ten_crop:
+                probabilities["ten"].append(
+                    augment.average_crop_softmax(logits.astype(jnp.float32))
+                )
+        sums = {"count": jnp.sum(mask)}
+        for crops, per_model in probabilities.items():
+            if not per_model:
+                continue
+            rows = {str(i): p for i, p in enumerate(per_model)}
+            if len(per_model) > 1:
+                rows["ensemble"] = jnp.mean(jnp.stack(per_model), axis=0)
+            for row, p in rows.items():
+                for k in (1, 5):
+                    errors = metrics.topk_errors(p, labels, k)
+                    sums[f"{row}/{crops}/{k}"] = jnp.sum(errors * mask)
+        return sums
+
+    return batch_errors
+
+
+def _eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    return f"{h}h{rem // 60:02d}m{rem % 60:02d}s" if h else f"{rem // 60}m{rem % 60:02d}s"
+
+
+def evaluate_members(
+    members: Sequence[Member],
+    *,
+    ten_crop: bool = False,
+    split: str = "val",
+    batch_size: int = 64,
+    max_examples: int = 0,
+    num_threads: int = 2,
+    progress_every_s: float = 10.0,
+) -> dict[str, Any]:
+    """One pass over ``split``; returns the report (see ``format_table`` and the JSON file)."""
+    dataset = members[0].trained.dataset
+    mesh = sharding.make_mesh((-1, 1))
+    data_size = mesh.shape[sharding.DATA_AXIS]
+    batch_size = -(-batch_size // data_size) * data_size  # A multiple of the devices.
+    replicated = sharding.replicated(mesh)
+    params_list = [jax.device_put(m.trained.params, replicated) for m in members]
+    means_list = [jax.device_put(_mean_views(m, ten_crop=ten_crop), replicated) for m in members]
+    batch_fn = make_batch_fn(members, ten_crop=ten_crop)
+
+    raw_pixels = pipeline.Preprocessing(  # Decode and crop only; each model subtracts its mean.
+        mean=np.zeros((*dataset.mean_image().shape[:2], 3), np.float32),
+        eigenvalues=None,
+        eigenvectors=None,
+    )
+    total = dataset.num_examples(split)
+    if max_examples > 0:
+        total = min(total, max_examples)
+    local_batch = batch_size // jax.process_count()
+    iterator = pipeline.eval_iterator(
+        dataset,
+        batch_size=batch_size,
+        preprocessing=raw_pixels,
+        ten_crop=ten_crop,
+        num_threads=num_threads,
+        split=split,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    logging.info(
+        "Evaluating %d model(s) on %d %s images (%s) in batches of %d",
+        len(members),
+        total,
+        split,
+        "centre crop and 10 crops" if ten_crop else "centre crop",
+        batch_size,
+    )
+    totals: dict[str, float] = {}
+    seen, start, last_report = 0, time.time(), time.time()
+    for local in iterator:
+        if seen >= total:
+            break
+        if not ten_crop:
+            local = {**local, "images": local["images"][:, None]}  # B x 1 x H x W x C
+        keep = min(len(local["labels"]), total - seen)
+        local = {k: v[:keep] for k, v in local.items()}
+        batch = sharding.global_batch(mesh, train.pad_batch(local, local_batch))
+        sums = batch_fn(params_list, means_list, batch)
+        for key, value in sums.items():
+            totals[key] = totals.get(key, 0.0) + float(np.asarray(value.addressable_data(0)))
+        seen += keep * jax.process_count()
+        now = time.time()
+        if now - last_report >= progress_every_s or seen >= total:
+            rate = seen / max(now - start, 1e-9)
+            logging.info(
+                "%d/%d images (%.0f%%), %.1f img/s, ETA %s",
+                seen,
+                total,
+                100 * seen / max(total, 1),
+                rate,
+                _eta((total - seen) / max(rate, 1e-9)),
+            )
+            last_report = now
+    count = max(totals.pop("count", 0.0), 1.0)
+
+    rows = []
+    crops_list = ["centre", "ten"] if ten_crop else ["centre"]
+    crops_name = {"centre": "centre crop", "ten": "10 crops"}
+    for crops in crops_list:
+        for i, m in enumerate(members):
+            rows.append(
+                {
+                    "name": f"1 CNN ({m.name}), {crops_name[crops]}",
+                    "workdirs": [m.workdir],
+                    "crops": crops,
+                    "top1_error": totals[f"{i}/{crops}/1"] / count,
+                    "top5_error": totals[f"{i}/{crops}/5"] / count,
+                }
+            )
+        if len(members) > 1:
+            rows.append(
+                {
+                    "name": f"{len(members)} CNNs averaged, {crops_name[crops]}",
+                    "workdirs": [m.workdir for m in members],
+                    "crops": crops,
+                    "top1_error": totals[f"ensemble/{crops}/1"] / count,
+                    "top5_error": totals[f"ensemble/{crops}/5"] / count,
+                }
+            )
+    return {
+        "split": split,
+        "num_examples": int(count),
+        "data_dir": dataset.data_dir,
+        "num_classes": dataset.num_classes,
+        "models": [{"workdir": m.workdir, "step": m.trained.step} for m in members],
+        "results": rows,
+        "seconds": time.time() - start,
+    }
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report as the paper's tables lay it out: one row per model, error in percent."""
+    lines = [
+        f"{report['split']} split of {report['data_dir']}: {report['num_examples']} images, "
+        f"{report['num_classes']} classes",
+        "",
+    ]
+    rows = [(r["name"], r["top1_error"], r["top5_error"]) for r in report["results"]]
+    if report["num_classes"] == 1000:
+        rows += list(PAPER_ROWS)
+    width = max(len("Model"), *(len(name) for name, _, _ in rows))
+    header = f"{'Model':<{width}}  {'Top-1 error':>11}  {'Top-5 error':>11}"
+    lines += [header, "-" * len(header)]
+    for name, top1, top5 in rows:
+        lines.append(f"{name:<{width}}  {100 * top1:>10.1f}%  {100 * top5:>10.1f}%")
+    return "\n".join(lines)
+
+
+# evaluate's own flag set: predict (imported for its model loader) defines flags of the
+# same names in absl's global set, which stay unparsed at their defaults.
+_FLAGS = flags.FlagValues()
+_WORKDIR = flags.DEFINE_multi_string(
+    "workdir",
+    None,
+    "Training workdir(s); more may follow the flags as arguments (an ensemble).",
+    flag_values=_FLAGS,
+)
+_TEN_CROP = flags.DEFINE_bool(
+    "ten_crop", False, "Also report the paper's 10-patch softmax average.", flag_values=_FLAGS
+)
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint",
+    "latest",
+    "Which checkpoint: 'latest', 'best' (lowest val error) or a step.",
+    flag_values=_FLAGS,
+)
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir",
+    None,
+    "Prepared dataset to evaluate on (default: the one the runs trained on).",
+    flag_values=_FLAGS,
+)
+_SPLIT = flags.DEFINE_string("split", "val", "Split of the prepared dataset.", flag_values=_FLAGS)
+_BATCH_SIZE = flags.DEFINE_integer(
+    "batch_size", 64, "Images per forward pass (all devices).", flag_values=_FLAGS
+)
+_MAX_EXAMPLES = flags.DEFINE_integer(
+    "max_examples", 0, "Evaluate only this many images (0: all).", flag_values=_FLAGS
+)
+_NUM_THREADS = flags.DEFINE_integer("num_threads", 2, "Decoding threads.", flag_values=_FLAGS)
+_OUTPUT = flags.DEFINE_string(
+    "output",
+    None,
+    "JSON report path (default: <first workdir>/evaluation_<checkpoint>.json).",
+    flag_values=_FLAGS,
+)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
+        print(__doc__)
+        print(_FLAGS.get_help())
+        sys.exit(0)
+    try:
+        remaining = _FLAGS(argv)
+    except flags.Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    flags.FLAGS.mark_as_parsed()  # absl logging reads the global set.
+    return remaining
+
+
+def main(argv: Sequence[str]) -> int:
+    logging.get_absl_handler().addFilter(predict.QuietLibraryLogs())
+    workdirs = list(_WORKDIR.value or []) + list(argv[1:])
+    if not workdirs:
+        raise app.UsageError("Give --workdir=DIR (and optionally more workdirs as arguments)")
+    if _BATCH_SIZE.value < 1:
+        raise app.UsageError("--batch_size must be >= 1")
+    try:
+        members = load_members(workdirs, which=_CHECKPOINT.value, data_dir=_DATA_DIR.value)
+        report = evaluate_members(
+            members,
+            ten_crop=_TEN_CROP.value,
+            split=_SPLIT.value,
+            batch_size=_BATCH_SIZE.value,
+            max_examples=_MAX_EXAMPLES.value,
+            num_threads=_NUM_THREADS.value,
+        )
+    except (FileNotFoundError, ValueError, checkpoint.CorruptCheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    output = _OUTPUT.value or os.path.join(
+        members[0].workdir, f"evaluation_{_CHECKPOINT.value}.json"
+    )
+    with open(output, "w") as f:
+        json.dump(report, f, indent=1)
+    print(format_table(report))
+    print(f"\nWritten to {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=_parse_flags)
