@@ -5,8 +5,9 @@ from __future__ import annotations
 import ml_collections
 
 from alexnet_jax import model, optim
+from alexnet_jax.data import pipeline
 
-DATA_SOURCES = ("demo", "prepared")
+DATA_SOURCES = ("demo", "prepared", "tfds")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
@@ -26,6 +27,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(c.data.num_workers >= 0, "data.num_workers", c.data.num_workers, "an integer >= 0")
     _check(c.data.num_threads >= 1, "data.num_threads", c.data.num_threads, "an integer >= 1")
     _check(c.data.input_scale > 0, "data.input_scale", c.data.input_scale, "a number > 0")
+    _check(c.data.prefetch >= 0, "data.prefetch", c.data.prefetch, "an integer >= 0")
+    _check(
+        c.data.tfds_stats_images >= 1,
+        "data.tfds_stats_images",
+        c.data.tfds_stats_images,
+        "an integer >= 1",
+    )
+    for f, accepted in (
+        ("mean_subtraction", pipeline.MEAN_SUBTRACTION_MODES),
+        ("pca_stats", pipeline.PCA_STATS_SOURCES),
+        ("dtype", pipeline.DTYPES),
+    ):
+        _check(c.data[f] in accepted, f"data.{f}", c.data[f], f"one of {accepted}")
+    _check(c.data.pca_std >= 0, "data.pca_std", c.data.pca_std, "a number >= 0 (the paper: 0.1)")
     for f in ("demo_train_per_class", "demo_val_per_class"):
         _check(c.data[f] >= 1, f"data.{f}", c.data[f], "an integer >= 1")
     m = c.model

@@ -137,7 +137,8 @@ def evaluate(
         batch_size=config.eval_batch_size,
         num_workers=config.data.num_workers,
         num_threads=config.data.num_threads,
-        input_scale=config.data.input_scale,
+        prefetch=config.data.prefetch,
+        preprocessing=pipeline.Preprocessing.from_config(config.data, dataset),
         process_index=shard_index,
         process_count=shard_count,
     ):
@@ -158,9 +159,16 @@ def load_dataset(config: ml_collections.ConfigDict) -> pipeline.Dataset:
             seed=0,
         )
     data_dir = os.path.expanduser(config.data.dir)
-    dataset = pipeline.open_dataset(
-        data_dir, how_to_prepare=PREPARE_COMMAND.format(data_dir=data_dir)
-    )
+    how_to_prepare = PREPARE_COMMAND.format(data_dir=data_dir)
+    if config.data.source == "tfds":
+        dataset = pipeline.open_tfds(
+            config.data.tfds_name,
+            data_dir=config.data.tfds_data_dir,
+            stats_images=config.data.tfds_stats_images,
+            how_to_prepare=how_to_prepare,
+        )
+    else:
+        dataset = pipeline.open_dataset(data_dir, how_to_prepare=how_to_prepare)
     if dataset.num_classes != config.model.num_classes:
         raise config_lib.ConfigError(
             f"config.model.num_classes = {config.model.num_classes} but the dataset in "
@@ -266,7 +274,8 @@ def _train_and_evaluate(
         seed=config.seed,
         num_workers=config.data.num_workers,
         num_threads=config.data.num_threads,
-        input_scale=config.data.input_scale,
+        prefetch=config.data.prefetch,
+        preprocessing=pipeline.Preprocessing.from_config(config.data, dataset),
         # Processes on the same rows of the data axis read the same examples.
         process_index=sharding.process_data_shard(mesh)[0],
         process_count=sharding.process_data_shard(mesh)[1],

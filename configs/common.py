@@ -12,13 +12,22 @@ def base_config() -> ml_collections.ConfigDict:
     config.seed = 0  # Seeds parameters, dropout and the data order.
 
     config.data = ml_collections.ConfigDict()
-    config.data.source = "prepared"  # "demo" (generated on first use) or "prepared" (ArrayRecord).
+    config.data.source = "prepared"  # "demo" (generated), "prepared" (ArrayRecord) or "tfds".
     config.data.dir = "~/data/imagenet2012_prepared"  # Where the prepared dataset lives.
+    config.data.tfds_name = "imagenet2012"  # tfds only: registered name or a built dataset's dir.
+    config.data.tfds_data_dir = ""  # tfds only: tfds data_dir ("" = tfds's default).
+    config.data.tfds_stats_images = 2000  # tfds only: images sampled for mean image and PCA.
     config.data.demo_train_per_class = 300  # Demo only: generated training images per class.
     config.data.demo_val_per_class = 50  # Demo only: generated validation images per class.
     config.data.num_workers = 0  # grain worker processes for decoding and augmentation; 0 = none.
     config.data.num_threads = 2  # grain reader threads per process (PIL decodes without the GIL).
     config.data.input_scale = 1.0  # Multiplies mean-subtracted pixels; the paper feeds 0-255 (1.0).
+    config.data.prefetch = 0  # Records decoded ahead per process; 0 = two batches' worth.
+    config.data.mean_subtraction = "image"  # "image" (the paper's mean image) or "channel" (RGB).
+    config.data.pca_colour = True  # PCA colour augmentation on training images (Sec. 4.1).
+    config.data.pca_stats = "prepared"  # "prepared" (the dataset's RGB PCA) or "paper" (constants).
+    config.data.pca_std = 0.1  # Standard deviation of the PCA coefficients alpha (the paper: 0.1).
+    config.data.dtype = "float32"  # Batch image dtype: "float32" or "bfloat16" (half the bytes).
 
     config.model = ml_collections.ConfigDict()
     config.model.num_classes = 1000  # Must match the dataset's class count.

@@ -153,3 +153,27 @@ def test_input_pipeline_benchmark_command_prints_its_fields():
         ratios, [pipeline_rate / loader_rate, pipeline_rate / step_rate], rtol=0.01
     )
     assert "synthetic" in result.stdout and "keeps up" in result.stdout
+
+
+def test_tfds_source_reads_full_size_images_directly(tmp_path):
+    from alexnet_jax import train
+    from tests.test_prepare import build_tiny_tfds
+
+    tfds_dir = build_tiny_tfds(str(tmp_path / "tfds"))
+    config = tiny_config(str(tmp_path / "unused"))
+    config.data.source = "tfds"
+    config.data.tfds_name = tfds_dir
+    config.data.tfds_stats_images = 4
+    config.model.num_classes = 2
+    dataset = train.load_dataset(config)
+    assert dataset.num_examples("train") == 6 and dataset.num_examples("val") == 2
+    assert dataset.mean_image().shape == (256, 256, 3)
+    preprocessing = pipeline.Preprocessing.from_config(config.data, dataset)
+    batch = next(_train(dataset, batch_size=4, preprocessing=preprocessing))
+    assert batch["images"].shape == (4, 224, 224, 3) and set(batch["labels"]) <= {0, 1}
+    val = list(pipeline.eval_iterator(dataset, batch_size=2, preprocessing=preprocessing))
+    assert [b["labels"].tolist() for b in val] == [[0, 1]]
+    with pytest.raises(pipeline.DatasetMissingError, match="prepare"):
+        pipeline.open_tfds(
+            str(tmp_path / "nothing"), data_dir=None, stats_images=1, how_to_prepare="prepare it"
+        )

@@ -1,5 +1,6 @@
 """ImageNet preparation (alexnet_jax/data/prepare.py) on miniature sources made here."""
 
+import functools
 import io
 import os
 import tarfile
@@ -196,8 +197,10 @@ def test_ilsvrc_tar_layout_with_nested_class_tars(tmp_path):
     assert [wnids[e["label"]] for e in val] == VAL_WNIDS
 
 
-def test_tfds_built_dataset_is_read_without_tensorflow(tmp_path):
-    tfds = pytest.importorskip("tensorflow_datasets")
+@functools.cache
+def _tiny_tfds_builder_class():
+    """A two-class imagenet-like tfds builder (defined once: tfds registers builders by name)."""
+    import tensorflow_datasets as tfds
 
     class AlexnetJaxTinyImagenet(tfds.core.GeneratorBasedBuilder):
         VERSION = tfds.core.Version("1.0.0")
@@ -224,10 +227,21 @@ def test_tfds_built_dataset_is_read_without_tensorflow(tmp_path):
                 name = f"img_{i}.JPEG"
                 yield name, {"image": io.BytesIO(_jpeg(i)), "label": i % 2, "file_name": name}
 
-    builder = AlexnetJaxTinyImagenet(data_dir=str(tmp_path / "tfds"), file_format="array_record")
+    return AlexnetJaxTinyImagenet
+
+
+def build_tiny_tfds(root: str) -> str:
+    """Builds the tiny tfds dataset under ``root`` (array_record, no TensorFlow); its dir."""
+    builder = _tiny_tfds_builder_class()(data_dir=root, file_format="array_record")
     builder.download_and_prepare()
+    return str(builder.data_dir)
+
+
+def test_tfds_built_dataset_is_read_without_tensorflow(tmp_path):
+    pytest.importorskip("tensorflow_datasets")
+    data_dir = build_tiny_tfds(str(tmp_path / "tfds"))
     out = str(tmp_path / "out")
-    metadata = prepare.prepare(builder.data_dir, out, examples_per_shard=4, num_workers=0)
+    metadata = prepare.prepare(data_dir, out, examples_per_shard=4, num_workers=0)
     assert metadata["source_kind"] == "tfds"
     assert [c["id"] for c in metadata["classes"]] == ["n01440764", "n01443537"]
     assert metadata["splits"]["train"]["num_examples"] == 6

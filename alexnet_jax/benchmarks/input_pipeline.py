@@ -240,17 +240,21 @@ def run(
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string(
-    "samples_dir", DEFAULT_SAMPLES, "Real JPEGs (<wnid>_<name>.JPEG); '' = synthetic."
-)
-flags.DEFINE_integer("synthetic_images", 100, "Synthetic images when there is no samples_dir.")
-flags.DEFINE_integer("batch_size", 64, "Batch size for the pipeline, the loader and the step.")
-flags.DEFINE_integer("num_threads", 2, "Decoding threads (grain threads; loader workers).")
-flags.DEFINE_integer("rounds", 5, "Alternating timing rounds (medians reported).")
-flags.DEFINE_integer("batches_per_round", 4, "Batches timed per round.")
-flags.DEFINE_float("train_width", 1.0, "Model width for the train step (1.0 = the paper's).")
-flags.DEFINE_integer("train_steps", 3, "Timed train steps after compilation.")
-flags.DEFINE_enum("dtype", "float32", list(pipeline.DTYPES), "Pipeline batch dtype.")
+
+
+def define_flags() -> None:
+    """Command-line flags, defined only when run as a command (no clashes on import)."""
+    flags.DEFINE_string(
+        "samples_dir", DEFAULT_SAMPLES, "Real JPEGs (<wnid>_<name>.JPEG); '' = synthetic."
+    )
+    flags.DEFINE_integer("synthetic_images", 100, "Synthetic images when there is no samples_dir.")
+    flags.DEFINE_integer("batch_size", 64, "Batch size for the pipeline, the loader and the step.")
+    flags.DEFINE_integer("num_threads", 2, "Decoding threads (grain threads; loader workers).")
+    flags.DEFINE_integer("rounds", 5, "Alternating timing rounds (medians reported).")
+    flags.DEFINE_integer("batches_per_round", 4, "Batches timed per round.")
+    flags.DEFINE_float("train_width", 1.0, "Model width for the train step (1.0 = the paper's).")
+    flags.DEFINE_integer("train_steps", 3, "Timed train steps after compilation.")
+    flags.DEFINE_enum("dtype", "float32", list(pipeline.DTYPES), "Pipeline batch dtype.")
 
 
 def main(argv) -> None:
@@ -269,4 +273,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from alexnet_jax.data import augment, records
+from alexnet_jax.data import augment, prepare, records, writer
 
 CROP_SIZE = augment.CROP_SIZE
 MEAN_SUBTRACTION_MODES = ("image", "channel")
@@ -80,12 +80,89 @@ def open_dataset(data_dir: str, *, how_to_prepare: str) -> Dataset:
     return Dataset(data_dir, metadata)
 
 
+@dataclasses.dataclass(frozen=True)
+class TfdsDataset(Dataset):
+    """A built tfds dataset (e.g. imagenet2012) read directly, without preparation.
+
+    Every read decodes the full-size JPEG and resizes it (the benchmark's
+    "full-size loader" cost, several times the prepared pipeline's), and the
+    mean image and RGB PCA are estimated from a sample of training images.
+    """
+
+    name: str = ""
+    tfds_data_dir: str | None = None
+    mean: np.ndarray | None = None
+
+    def source(self, split: str):
+        if split not in self.metadata["splits"]:
+            raise DatasetMissingError(f"Split {split!r} not in tfds dataset {self.name!r}")
+        spec = prepare.SourceSpec("tfds", self.name, self.tfds_data_dir)
+        return prepare.open_tfds(spec, split)[1]
+
+    def mean_image(self) -> np.ndarray:
+        return self.mean
+
+
+def open_tfds(
+    name: str, *, data_dir: str | None, stats_images: int, how_to_prepare: str
+) -> TfdsDataset:
+    """Opens a built tfds dataset for direct reading; statistics from ``stats_images`` images.
+
+    ``name`` is a registered tfds name (with ``data_dir``) or a built dataset's
+    directory. The sample is evenly spaced over the training split, so the
+    statistics are the same on every run and every process.
+    """
+    spec = prepare.SourceSpec("tfds", os.path.expanduser(name), data_dir or None)
+    try:
+        builder, train = prepare.open_tfds(spec, "train")
+    except Exception as e:  # tfds raises several types for "not built here".
+        raise DatasetMissingError(
+            f"Cannot read tfds dataset {name!r} (data_dir={data_dir!r}): {e}\n"
+            f"Build it with tfds, or prepare the ILSVRC files instead:\n  {how_to_prepare}"
+        ) from e
+    splits = {}
+    for split in prepare.SPLITS:
+        try:
+            splits[split] = {"num_examples": len(prepare.open_tfds(spec, split)[1])}
+        except Exception:  # A split the dataset does not have.
+            continue
+    stats = writer.RgbStatistics()
+    count = min(stats_images, len(train))
+    for index in np.linspace(0, len(train) - 1, count).astype(int):
+        image, _ = prepare.prepare_image(train[int(index)]["image"])
+        stats.add(np.asarray(image))
+    values, vectors = stats.eigen()
+    metadata = {
+        "name": name,
+        "classes": [{"id": c, "name": c} for c in builder.info.features["label"].names],
+        "splits": splits,
+        "rgb_eigenvalues": values.tolist(),
+        "rgb_eigenvectors": vectors.tolist(),
+        "statistics_from_images": count,
+    }
+    return TfdsDataset(spec.location, metadata, spec.location, data_dir, stats.mean_image())
+
+
 def decode_jpeg(jpeg: bytes) -> np.ndarray:
     """JPEG bytes -> uint8 H x W x 3."""
     with Image.open(io.BytesIO(jpeg)) as image:
         if image.mode != "RGB":
             image = image.convert("RGB")
         return np.asarray(image)
+
+
+def decode_record(record: bytes | dict[str, Any]) -> tuple[np.ndarray, int]:
+    """A record -> (uint8 256 x 256 x 3 image, label).
+
+    Prepared records (msgpack bytes) hold 256px JPEGs already; tfds records
+    (dicts of full-size image bytes) get the paper's resize and central crop
+    here, on every read.
+    """
+    if isinstance(record, bytes):
+        example = records.decode_example(record)
+        return decode_jpeg(example["image"]), int(example["label"])
+    image, _ = prepare.prepare_image(record["image"])
+    return np.asarray(image), int(record["label"])
 
 
 def numpy_dtype(name: str) -> np.dtype:
@@ -145,9 +222,9 @@ class TrainTransform(grain.transforms.RandomMap):
 
     def random_map(self, record: bytes, rng: np.random.Generator) -> dict[str, Any]:
         p = self.preprocessing
-        example = records.decode_example(record)
+        pixels, label = decode_record(record)
         image = augment.train_augment(
-            decode_jpeg(example["image"]),
+            pixels,
             rng,
             mean=p.mean,
             eigenvalues=p.eigenvalues,
@@ -157,7 +234,7 @@ class TrainTransform(grain.transforms.RandomMap):
             scale=p.scale,
             dtype=numpy_dtype(p.dtype),
         )
-        return {"images": image, "labels": np.int32(example["label"])}
+        return {"images": image, "labels": np.int32(label)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,15 +245,15 @@ class EvalTransform(grain.transforms.Map):
 
     def map(self, record: bytes) -> dict[str, Any]:
         p = self.preprocessing
-        example = records.decode_example(record)
+        pixels, label = decode_record(record)
         image = augment.center_crop(
-            decode_jpeg(example["image"]),
+            pixels,
             mean=p.mean,
             crop_size=p.crop_size,
             scale=p.scale,
             dtype=numpy_dtype(p.dtype),
         )
-        return {"images": image, "labels": np.int32(example["label"])}
+        return {"images": image, "labels": np.int32(label)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,15 +264,15 @@ class TenCropTransform(grain.transforms.Map):
 
     def map(self, record: bytes) -> dict[str, Any]:
         p = self.preprocessing
-        example = records.decode_example(record)
+        pixels, label = decode_record(record)
         image = augment.ten_crop(
-            decode_jpeg(example["image"]),
+            pixels,
             mean=p.mean,
             crop_size=p.crop_size,
             scale=p.scale,
             dtype=numpy_dtype(p.dtype),
         )
-        return {"images": image, "labels": np.int32(example["label"])}
+        return {"images": image, "labels": np.int32(label)}
 
 
 def _batched_iter(

@@ -270,7 +270,7 @@ def _list_folder(spec: SourceSpec, splits: Sequence[str]) -> SourceListing:
     return SourceListing(spec, classes, items, dict(unknown))
 
 
-def _open_tfds(spec: SourceSpec, split: str):
+def open_tfds(spec: SourceSpec, split: str):
     """A tfds random-access source yielding raw image bytes (no TensorFlow needed)."""
     import tensorflow_datasets as tfds
 
@@ -291,7 +291,7 @@ def _open_tfds(spec: SourceSpec, split: str):
 
 def _list_tfds(spec: SourceSpec, splits: Sequence[str]) -> SourceListing:
     try:
-        builder, _ = _open_tfds(spec, "train")
+        builder, _ = open_tfds(spec, "train")
     except Exception as e:  # tfds raises several types for "not built here".
         raise SourceError(
             f"Could not open tfds dataset {spec.location!r} "
@@ -303,7 +303,7 @@ def _list_tfds(spec: SourceSpec, splits: Sequence[str]) -> SourceListing:
         raise SourceError("the tfds dataset's classes are the ILSVRC-2012 set in another order")
     items = {}
     for split in splits:
-        _, source = _open_tfds(spec, split)
+        _, source = open_tfds(spec, split)
         items[split] = [("tfds", i) for i in range(len(source))]
     return SourceListing(spec, classes, items, {})
 
@@ -382,7 +382,7 @@ class _Reader:
             f.seek(offset)
             return f.read(size), label, key
         if self._tfds is None:
-            self._tfds = _open_tfds(self.spec, self.split)[1]
+            self._tfds = open_tfds(self.spec, self.split)[1]
         example = self._tfds[ref[1]]
         name = example.get("file_name", b"")
         name = name.decode() if isinstance(name, bytes) else str(name)
@@ -701,13 +701,17 @@ def _log_summary(metadata: dict[str, Any]) -> None:
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("source", None, "ILSVRC tars directory, folder layout, or tfds:<name>.")
-flags.DEFINE_string("output_dir", None, "Where the prepared dataset is written.")
-flags.DEFINE_list("splits", list(SPLITS), "Splits to prepare.")
-flags.DEFINE_integer("examples_per_shard", DEFAULT_EXAMPLES_PER_SHARD, "Images per shard.")
-flags.DEFINE_integer("num_workers", None, "Worker processes (default: one per core; 0: none).")
-flags.DEFINE_string("class_names_file", None, "Optional 'wnid name' lines for class names.")
-flags.DEFINE_string("tfds_data_dir", None, "tfds data_dir for --source=tfds:<name>.")
+
+
+def define_flags() -> None:
+    """Command-line flags, defined only when run as a command (no clashes on import)."""
+    flags.DEFINE_string("source", None, "ILSVRC tars directory, folder layout, or tfds:<name>.")
+    flags.DEFINE_string("output_dir", None, "Where the prepared dataset is written.")
+    flags.DEFINE_list("splits", list(SPLITS), "Splits to prepare.")
+    flags.DEFINE_integer("examples_per_shard", DEFAULT_EXAMPLES_PER_SHARD, "Images per shard.")
+    flags.DEFINE_integer("num_workers", None, "Worker processes (default: one per core; 0: none).")
+    flags.DEFINE_string("class_names_file", None, "Optional 'wnid name' lines for class names.")
+    flags.DEFINE_string("tfds_data_dir", None, "tfds data_dir for --source=tfds:<name>.")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -726,4 +730,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
