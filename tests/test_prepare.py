@@ -150,6 +150,9 @@ def test_interrupted_run_resumes_to_identical_output(folder_prepared, tmp_path, 
             ours = f.read()
         with open(os.path.join(reference, name), "rb") as f:
             assert ours == f.read(), name
+    # A run over a finished preparation changes nothing.
+    prepare.prepare(source, out, examples_per_shard=5, num_workers=0)
+    assert sorted(os.listdir(out)) == produced
 
 
 def test_missing_or_wrong_source_fails_saying_what_was_expected(tmp_path):

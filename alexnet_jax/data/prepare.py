@@ -36,6 +36,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import sys
 import tarfile
 import time
 import warnings
@@ -550,11 +551,11 @@ def prepare(
     listing = list_source(spec, splits)
     fingerprint = _fingerprint(listing, examples_per_shard)
     output_dir = os.path.abspath(os.path.expanduser(output_dir))
-    os.makedirs(os.path.join(output_dir, PROGRESS_DIR), exist_ok=True)
     existing = records.read_metadata(output_dir)
     if existing is not None and existing.get("preparation", {}).get("fingerprint") == fingerprint:
         logging.info("%s is already prepared from this source: nothing to do", output_dir)
         return existing
+    os.makedirs(os.path.join(output_dir, PROGRESS_DIR), exist_ok=True)
     plan_path = os.path.join(output_dir, PROGRESS_DIR, "plan.json")
     plan = {"fingerprint": fingerprint, "source": source, "examples_per_shard": examples_per_shard}
     if os.path.exists(plan_path):
@@ -718,15 +719,18 @@ def main(argv: Sequence[str]) -> None:
     del argv
     if not FLAGS.source or not FLAGS.output_dir:
         raise app.UsageError("--source and --output_dir are required")
-    prepare(
-        FLAGS.source,
-        FLAGS.output_dir,
-        splits=FLAGS.splits,
-        examples_per_shard=FLAGS.examples_per_shard,
-        num_workers=FLAGS.num_workers,
-        class_names_file=FLAGS.class_names_file,
-        tfds_data_dir=FLAGS.tfds_data_dir,
-    )
+    try:
+        prepare(
+            FLAGS.source,
+            FLAGS.output_dir,
+            splits=FLAGS.splits,
+            examples_per_shard=FLAGS.examples_per_shard,
+            num_workers=FLAGS.num_workers,
+            class_names_file=FLAGS.class_names_file,
+            tfds_data_dir=FLAGS.tfds_data_dir,
+        )
+    except SourceError as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
