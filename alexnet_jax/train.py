@@ -245,14 +245,15 @@ def _train_and_evaluate(
         config, steps_per_epoch=steps_per_epoch, total_steps=total_steps
     )
     optimizer = optim.make_optimizer(config)
-    observe_validation_error = jax.jit(
-        lambda schedule, error: optim.observe_validation_error(schedule, error, config)
-    )
 
     init_fn = functools.partial(init_state, model, optimizer, config.seed)
     abstract_state = jax.eval_shape(init_fn)
     state_shardings = sharding.state_shardings(mesh, abstract_state)
     batch_shardings = sharding.batch_sharding(mesh)
+    observe_validation_error = jax.jit(
+        lambda schedule, error: optim.observe_validation_error(schedule, error, config),
+        out_shardings=state_shardings.schedule,
+    )
 
     train_fn = jax.jit(
         functools.partial(
