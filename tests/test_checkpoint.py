@@ -220,6 +220,12 @@ def _overrides(data_dir, workdir, **extra):
         "log_every_steps": 1,
         "checkpoint_every_steps": 3,
         "max_steps": TOTAL_STEPS,
+        # The plateau rule, made to drop after the evaluations at steps 10 and 15 (no
+        # evaluation after the first counts as an improvement), so the resumed runs
+        # cross learning-rate drops.
+        "schedule": "plateau",
+        "plateau_patience": 1,
+        "plateau_min_delta": 1.0,
         **extra,
     }
     return ["--config=configs/demo.py", f"--workdir={workdir}"] + [
@@ -347,18 +353,17 @@ def test_sigkill_then_relaunch_is_bitwise_identical_to_an_uninterrupted_run(runs
         assert a.dtype == b.dtype and a.shape == b.shape, path
         assert a.tobytes() == b.tobytes(), f"{jax.tree_util.keystr(path)} differs"
 
-    # Every logged loss of the interrupted runs (steps redone after the kill included)
-    # equals the uninterrupted run's loss at that step.
-    ref_loss = {r["step"]: r["loss"] for r in _train_rows(runs["ref"])}
-    assert sorted(ref_loss) == list(range(1, TOTAL_STEPS + 1))
+    # Every logged loss (and error, and learning rate) of the interrupted runs, steps
+    # redone after the kill included, equals the uninterrupted run's at that step.
+    fields = ("loss", "top1_error", "top5_error", "learning_rate")
+    ref_rows = {r["step"]: [r[f] for f in fields] for r in _train_rows(runs["ref"])}
+    assert sorted(ref_rows) == list(range(1, TOTAL_STEPS + 1))
+    lrs = [ref_rows[s][3] for s in range(1, TOTAL_STEPS + 1)]
+    np.testing.assert_allclose(lrs, [0.01] * 10 + [0.001] * 5 + [1e-4] * 5, rtol=1e-6)
     logged = _train_rows(runs["interrupted"])
-    assert {r["step"] for r in logged} == set(ref_loss)
-    mismatched = [
-        (r["step"], r["loss"], ref_loss[r["step"]])
-        for r in logged
-        if r["loss"] != ref_loss[r["step"]]
-    ]
-    assert not mismatched
+    assert {r["step"] for r in logged} == set(ref_rows)
+    mismatched = [r for r in logged if [r[f] for f in fields] != ref_rows[r["step"]]]
+    assert not mismatched, (mismatched, ref_rows)
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(runs):
