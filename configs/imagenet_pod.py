@@ -5,9 +5,11 @@ model replica on a device pair (``mesh_shape = (-1, 2)``) and splits the
 8192-image batch over the remaining ``data`` axis.
 
 TPU pod slice (run on every host, e.g. with ``gcloud ... tpu-vm ssh --worker=all``;
-JAX finds the coordinator itself):
+JAX finds the coordinator itself). The workdir must be one directory that all
+hosts see (NFS, or a bucket mounted with gcsfuse): every host writes its shards
+of each checkpoint there.
 
-    python launch.py --config=configs/imagenet_pod.py --workdir=gs://BUCKET/alexnet_pod \
+    python launch.py --config=configs/imagenet_pod.py --workdir=/mnt/shared/alexnet_pod \
         --config.data.dir=/mnt/imagenet2012_prepared
 
 GPU hosts (here 2 hosts x 8 GPUs; process i on host i, host 0 reachable as HOST0):
