@@ -296,8 +296,10 @@ def format_text(results: Sequence[dict[str, Any]], errors: Sequence[dict[str, st
     lines = []
     for result in results:
         lines.append(result["path"])
+        width = max((len(p["name"]) for p in result["top"]), default=0)
         for rank, p in enumerate(result["top"], 1):
-            lines.append(f"  {rank}. {100 * p['probability']:6.2f}%  {p['name']}  [{p['id']}]")
+            name = f"{p['name']:<{width}}"
+            lines.append(f"  {rank}. {100 * p['probability']:6.2f}%  {name}  [{p['id']}]")
     for error in errors:
         lines.append(f"{error['path']}\n  error: {error['error']}")
     return "\n".join(lines)
