@@ -19,6 +19,7 @@ conv1 pads 2 pixels on each side so that a 224x224 crop gives the paper's
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -54,24 +55,113 @@ def local_response_norm(
 
     b_c = a_c / (bias + alpha * sum_{|j-c| <= depth_radius} a_j^2) ** beta.
     alpha is NOT divided by the window size (PyTorch and Caffe do that).
+    Computed in float32 with a hand-written gradient (see ``_lrn``).
     """
-    squares = jnp.square(x.astype(jnp.float32))
-    window = (1,) * (x.ndim - 1) + (2 * depth_radius + 1,)
-    padding = ((0, 0),) * (x.ndim - 1) + ((depth_radius, depth_radius),)
-    sums = jax.lax.reduce_window(squares, 0.0, jax.lax.add, window, (1,) * x.ndim, padding)
-    denominator = bias + alpha * sums
+    return _lrn(x.astype(jnp.float32), depth_radius, bias, alpha, beta).astype(x.dtype)
+
+
+def _channel_window_sum(a: jax.Array, radius: int) -> jax.Array:
+    """sum_{|j-c| <= radius} a_j over the last axis (zeros past the edges).
+
+    Shifted adds of a padded copy: XLA fuses them into one elementwise loop,
+    where reduce_window's gradient is a second, slower windowed reduction.
+    """
+    channels = a.shape[-1]
+    padded = jnp.pad(a, ((0, 0),) * (a.ndim - 1) + ((radius, radius),))
+    total = padded[..., :channels]
+    for shift in range(1, 2 * radius + 1):
+        total = total + padded[..., shift : shift + channels]
+    return total
+
+
+def _lrn_scale(x, radius, bias, alpha, beta) -> tuple[jax.Array, jax.Array]:
+    """(d ** -beta, d) with d = bias + alpha * (window sum of x^2)."""
+    denominator = bias + alpha * _channel_window_sum(jnp.square(x), radius)
     if beta == 0.75:
         # d ** -0.75 as rsqrt(d) * sqrt(rsqrt(d)): avoids a general pow (log + exp).
         inv = jax.lax.rsqrt(denominator)
-        scale = inv * jnp.sqrt(inv)
-    else:
-        scale = denominator ** (-beta)
-    return (x * scale).astype(x.dtype)
+        return inv * jnp.sqrt(inv), denominator
+    return denominator ** (-beta), denominator
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _lrn(x, radius, bias, alpha, beta):
+    return x * _lrn_scale(x, radius, bias, alpha, beta)[0]
+
+
+def _lrn_forward(x, radius, bias, alpha, beta):
+    # Only x is kept for the backward pass; the scale is recomputed there
+    # (cheap, fused), which saves storing two more activation-sized arrays.
+    return _lrn(x, radius, bias, alpha, beta), x
+
+
+def _lrn_backward(radius, bias, alpha, beta, x, g):
+    """dx_j = g_j s_j - 2 alpha beta x_j * sum_{|c-j| <= radius} g_c x_c s_c / d_c.
+
+    The exact gradient of ``x * s`` with s = d ** -beta, written so it is two
+    fused elementwise passes instead of autodiff's windowed reductions.
+    """
+    scale, denominator = _lrn_scale(x, radius, bias, alpha, beta)
+    g_scaled = g * scale
+    spread = _channel_window_sum(g_scaled * x / denominator, radius)
+    return (g_scaled - (2 * alpha * beta) * x * spread,)
+
+
+_lrn.defvjp(_lrn_forward, _lrn_backward)
+
+
+def _max_pool_forward_only(x: jax.Array) -> jax.Array:
+    window = (1,) * (x.ndim - 3) + (3, 3, 1)
+    strides = (1,) * (x.ndim - 3) + (2, 2, 1)
+    return jax.lax.reduce_window(
+        x, jnp.array(-jnp.inf, x.dtype), jax.lax.max, window, strides, "VALID"
+    )
+
+
+@jax.custom_vjp
 def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
-    """Overlapping pooling (Sec. 3.4): window 3, stride 2, no padding."""
-    return nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding="VALID")
+    """Overlapping pooling (Sec. 3.4): window 3, stride 2, no padding, over axes -3 and -2.
+
+    Any leading axes (batch, tower) are kept. The gradient is hand-written
+    (``_max_pool_backward``); XLA:CPU's select-and-scatter is ~3x slower.
+    """
+    return _max_pool_forward_only(x)
+
+
+def _max_pool_forward(x):
+    y = _max_pool_forward_only(x)
+    return y, (x, y)
+
+
+def _max_pool_backward(residuals, g):
+    """Routes each output's gradient to the first maximum of its 3x3 window.
+
+    The same rule as autodiff's select-and-scatter (row-major window order,
+    first maximum wins ties), as nine masked strided scatters that XLA fuses
+    into one pass over the input.
+    """
+    x, y = residuals
+    lead = x.ndim - 3
+    height, width, channels = x.shape[-3:]
+    out_h, out_w = y.shape[-3:-1]
+    taken = jnp.zeros(y.shape, bool)
+    dx = jnp.zeros(x.shape, g.dtype)
+    zero = jnp.zeros((), g.dtype)
+    for i in range(3):
+        for j in range(3):
+            end_h, end_w = i + 2 * (out_h - 1) + 1, j + 2 * (out_w - 1) + 1
+            window_x = jax.lax.slice(
+                x, (0,) * lead + (i, j, 0), x.shape[:lead] + (end_h, end_w, channels),
+                (1,) * lead + (2, 2, 1),
+            )  # fmt: skip
+            hit = (window_x == y) & ~taken
+            taken = taken | hit
+            pad = [(0, 0, 0)] * lead + [(i, height - end_h, 1), (j, width - end_w, 1), (0, 0, 0)]
+            dx = dx + jax.lax.pad(jnp.where(hit, g, zero), zero, pad)
+    return (dx,)
+
+
+max_pool_3x3_s2.defvjp(_max_pool_forward, _max_pool_backward)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,8 +349,7 @@ def _pool_towers(x_T: jax.Array) -> jax.Array:
     Pools the 5-d array directly: folding T into B would merge a replicated
     axis with a data-sharded one, which forces an all-gather of the batch.
     """
-    window, strides = (1, 1, 3, 3, 1), (1, 1, 2, 2, 1)
-    return jax.lax.reduce_window(x_T, -jnp.inf, jax.lax.max, window, strides, "VALID")
+    return max_pool_3x3_s2(x_T)
 
 
 def count_params(params: Any) -> int:
