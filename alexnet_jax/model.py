@@ -266,7 +266,10 @@ class TowerDense(nn.Module):
         kernel, bias, x = (a.astype(self.dtype) for a in (kernel, bias, x))
 
         def dense(x, kernel, bias):
-            return jnp.einsum("bd,tdf->tbf", x, kernel) + bias[:, None, :]
+            # One plain matmul per tower: XLA:CPU runs the batched einsum
+            # "bd,tdf->tbf" (and its gradient) ~1.6x slower.
+            per_tower = [x @ kernel[t] for t in range(kernel.shape[0])]
+            return jnp.stack(per_tower) + bias[:, None, :]
 
         return sharding.tower_map(dense, self.mesh, shared_input=True)(x, kernel, bias)
 
