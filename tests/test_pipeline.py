@@ -38,6 +38,18 @@ def test_same_seed_same_batches_whatever_the_threads(dataset):
     assert a[0]["images"].shape == (16, 224, 224, 3) and a[0]["images"].dtype == np.float32
 
 
+def test_worker_processes_give_the_same_batches_and_restore_exactly(dataset):
+    expected = _take(_train(dataset), 4)
+    with_workers = _train(dataset, num_workers=2)
+    first = _take(with_workers, 2)
+    state = with_workers.get_state()
+    restored = _train(dataset, num_workers=2)
+    restored.set_state(state)
+    for x, y in zip(expected, first + _take(restored, 2), strict=True):
+        np.testing.assert_array_equal(x["images"], y["images"])
+        np.testing.assert_array_equal(x["labels"], y["labels"])
+
+
 def test_restored_iterator_continues_with_exactly_the_next_batch(dataset):
     original = _train(dataset)
     _take(original, 2)

@@ -20,6 +20,7 @@ from typing import Any
 import grain
 import ml_collections
 import numpy as np
+from absl import flags
 from PIL import Image
 
 from alexnet_jax.data import augment, prepare, records, writer
@@ -287,15 +288,20 @@ def _batched_iter(
     """Threads decode single records into a prefetch buffer; batches are stacked after.
 
     Parallelism over records (not whole batches) keeps every thread busy for
-    any batch size; ``num_workers`` > 0 adds worker processes on top.
-    ``prefetch`` counts records; 0 means two batches' worth.
+    any batch size. ``num_workers`` > 0 moves the work to processes that each
+    build whole batches. ``prefetch`` counts records; 0 means two batches' worth.
     """
     buffer = prefetch if prefetch > 0 else 2 * batch_size
     read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(buffer, num_threads))
-    it = ds.to_iter_dataset(read).batch(batch_size, drop_remainder=drop_remainder)
-    if num_workers > 0:
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-    return it
+    if num_workers == 0:
+        return ds.to_iter_dataset(read).batch(batch_size, drop_remainder=drop_remainder)
+    # Workers take whole batches in turn (k, k + num_workers, ...), so batches are
+    # the same as without workers; batching inside each worker would regroup them.
+    read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2)
+    it = ds.batch(batch_size, drop_remainder=drop_remainder).to_iter_dataset(read)
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags (defaults suffice).
+    return it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
 
 
 def train_records(
