@@ -327,8 +327,6 @@ def _train_and_evaluate(
             logging.info("First step (with compilation) took %.1fs", time.time() - window_start_time)
             window_start_time, window_start_step = time.time(), step
             timing_start = (window_start_time, step)
-            pending.clear()
-            continue
 
         if step % config.log_every_steps == 0 or step == total_steps:
             fetched = jax.device_get(pending)
