@@ -339,6 +339,8 @@ def prepare_image(data: bytes, size: int = writer.PREPARED_SIZE) -> tuple[Image.
             image.load()
     except UnidentifiedImageError:
         raise BadImageError("undecodable", "not a recognisable image format") from None
+    except Image.DecompressionBombError as e:
+        raise BadImageError("undecodable", f"too many pixels: {e}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         message = str(e) or type(e).__name__
         truncated = "truncated" in message.lower() or isinstance(e, EOFError)
