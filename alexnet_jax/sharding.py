@@ -12,9 +12,10 @@ GPUs and the ``data`` axis adds data parallelism on top:
   computes only its own towers on its own slice of the batch, and
   ``all_towers`` is the one place where towers' activations cross devices.
 
-Without a mesh (model tests, single-device tools) both are plain calls, and a
-single device runs the same code path with a python loop over its towers.
-All placement rules are in this module.
+Without a mesh (model tests, single-device tools), or on a single device,
+both are plain calls: the layers loop over both towers in python, with
+nothing between them and XLA's fusions (measured ~4% less CPU time per
+step than a 1-device shard_map). All placement rules are in this module.
 """
 
 from __future__ import annotations
@@ -108,14 +109,14 @@ def tower_map(fn: Callable[..., jax.Array], mesh: Mesh | None, *, shared_input: 
 
     ``x`` is ``B x ...`` when ``shared_input`` (every tower sees all of it:
     conv1 on the images, conv3/fc6/fc7 after a merge) and ``T x B x ...``
-    otherwise; ``tower_params`` have a leading tower axis. Under a mesh, fn
+    otherwise; ``tower_params`` have a leading tower axis. On a multi-device mesh, fn
     runs per device (``shard_map``) on that device's towers and examples, so
     a tower's kernels never leave their device and fn sees a leading tower
     axis of T / tower-devices. The gradients of replicated inputs are summed
     over the mesh by shard_map's transpose (the data-parallel all-reduce, and
     the towers' gradients flowing back into a merge).
     """
-    if mesh is None:
+    if mesh is None or mesh.size == 1:
         return fn
     x_spec = BATCH if shared_input else TOWERS_BATCH
 
@@ -134,7 +135,7 @@ def all_towers(x_T: jax.Array, mesh: Mesh | None) -> jax.Array:
     The towers' only exchange (an all-gather over ``tower``); its gradient
     sends each tower's share back (a reduce-scatter).
     """
-    if mesh is None:
+    if mesh is None or mesh.size == 1:
         return x_T
 
     def gather(x_local):
