@@ -111,11 +111,15 @@ _lrn.defvjp(_lrn_forward, _lrn_backward)
 
 
 def _max_pool_forward_only(x: jax.Array) -> jax.Array:
-    window = (1,) * (x.ndim - 3) + (3, 3, 1)
-    strides = (1,) * (x.ndim - 3) + (2, 2, 1)
-    return jax.lax.reduce_window(
-        x, jnp.array(-jnp.inf, x.dtype), jax.lax.max, window, strides, "VALID"
-    )
+    """Max over 3 strided row slices, then over 3 strided column slices.
+
+    The same maxima as ``reduce_window``, which XLA:CPU runs ~5x slower.
+    """
+    for axis in (x.ndim - 3, x.ndim - 2):
+        out = (x.shape[axis] - 3) // 2 + 1
+        slices = [jax.lax.slice_in_dim(x, i, i + 2 * (out - 1) + 1, 2, axis) for i in range(3)]
+        x = jnp.maximum(jnp.maximum(slices[0], slices[1]), slices[2])
+    return x
 
 
 @jax.custom_vjp
