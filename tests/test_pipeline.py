@@ -77,10 +77,19 @@ def test_every_epoch_is_a_fresh_permutation_of_the_whole_set(dataset):
 def test_processes_read_disjoint_halves_of_the_global_order(dataset):
     n = dataset.num_examples("train")
     whole = _keys(pipeline.train_records(dataset, seed=0), n)
-    halves = [_keys(pipeline.train_records(dataset, 0, p, 2), n // 2) for p in range(2)]
-    assert halves[0] == whole[0::2] and halves[1] == whole[1::2]
-    batch = next(_train(dataset, process_index=1, process_count=2))
-    assert batch["images"].shape[0] == 8  # The global batch of 16, halved.
+    halves = [
+        _keys(pipeline.train_records(dataset, 0, p, 2, batch_size=16), n // 2) for p in range(2)
+    ]
+    # Process p reads the p-th half of every global batch of 16.
+    for b in range(n // 16):
+        assert halves[0][8 * b : 8 * b + 8] == whole[16 * b : 16 * b + 8]
+        assert halves[1][8 * b : 8 * b + 8] == whole[16 * b + 8 : 16 * b + 16]
+    single = next(_train(dataset))
+    parts = [next(_train(dataset, process_index=p, process_count=2)) for p in range(2)]
+    assert parts[1]["images"].shape[0] == 8  # The global batch of 16, halved.
+    # Augmentation is drawn on the global order: the halves are the single-process batch.
+    for key in ("images", "labels"):
+        np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), single[key])
 
 
 def test_pca_noise_is_a_per_image_rgb_offset_in_the_pipeline(dataset):

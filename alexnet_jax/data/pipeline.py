@@ -304,16 +304,53 @@ def _batched_iter(
     return it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
 
 
+class _ProcessBlocks(grain.MapDataset):
+    """Process ``index``'s contiguous block of every global batch of ``parent``.
+
+    With ``count`` processes and a global batch of ``B``, local element ``k`` is
+    global element ``(k // b) * B + index * b + k % b`` where ``b = B / count``:
+    the processes' local batches, concatenated in process order, are exactly the
+    single-process batch (same images, same order, so same dropout masks).
+    """
+
+    def __init__(self, parent: grain.MapDataset, global_batch: int, index: int, count: int):
+        super().__init__(parent)
+        self._global_batch = global_batch
+        self._local_batch = global_batch // count
+        self._offset = index * self._local_batch
+
+    def __len__(self) -> int:
+        return len(self._parents[0]) // self._global_batch * self._local_batch
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return self.slice(k)
+        batch, within = divmod(k, self._local_batch)
+        return self._parents[0][batch * self._global_batch + self._offset + within]
+
+
 def train_records(
-    dataset: Dataset, seed: int, process_index: int = 0, process_count: int = 1
+    dataset: Dataset,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    *,
+    batch_size: int = 1,
 ) -> grain.MapDataset:
     """This process's endless stream of raw training records, in the global shuffled order.
 
     The whole training set is reshuffled every epoch from ``seed``; process
-    ``p`` takes positions p, p + process_count, ... of that order.
+    ``p`` reads the ``p``-th of ``process_count`` contiguous blocks of every
+    global batch of ``batch_size``.
     """
     ds = grain.MapDataset.source(dataset.source("train")).seed(seed).shuffle().repeat(None)
-    return ds[process_index::process_count]
+    return _blocks(ds, batch_size, process_index, process_count)
+
+
+def _blocks(ds: grain.MapDataset, batch_size: int, index: int, count: int) -> grain.MapDataset:
+    if batch_size % count:
+        raise ValueError(f"batch_size {batch_size} is not divisible by {count} processes")
+    return ds if count == 1 else _ProcessBlocks(ds, batch_size, index, count)
 
 
 def train_iterator(
@@ -331,16 +368,17 @@ def train_iterator(
 ) -> grain.DatasetIterator:
     """Endless, checkpointable iterator of host-local training batches.
 
-    The whole training set is reshuffled every epoch from ``seed``; each JAX
-    process takes every ``process_count``-th example of that order, so the
-    processes' batches together form the global batch. ``batch_size`` is global.
-    Without ``preprocessing``, the paper's (``Preprocessing.paper``) at ``input_scale``.
+    The whole training set is reshuffled every epoch from ``seed``. Each
+    record's random crop, flip and colour noise are drawn from its position in
+    that global order, before the order is split between processes, so the
+    global batch (the processes' blocks in process order) is identical for any
+    number of processes. ``batch_size`` is global. Without ``preprocessing``,
+    the paper's (``Preprocessing.paper``) at ``input_scale``.
     """
     preprocessing = preprocessing or Preprocessing.paper(dataset, input_scale)
-    if batch_size % process_count:
-        raise ValueError(f"batch_size {batch_size} is not divisible by {process_count} processes")
-    ds = train_records(dataset, seed, process_index, process_count)
+    ds = grain.MapDataset.source(dataset.source("train")).seed(seed).shuffle().repeat(None)
     ds = ds.random_map(TrainTransform(preprocessing))
+    ds = _blocks(ds, batch_size, process_index, process_count)
     it = _batched_iter(
         ds,
         batch_size=batch_size // process_count,
