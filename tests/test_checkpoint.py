@@ -274,7 +274,12 @@ def _signal_after(proc, workdir, min_step, signum, skip_rows=0, timeout=240):
         if proc.poll() is not None:
             raise AssertionError(f"run ended before step {min_step}: {_finish(proc)[1][-3000:]}")
         rows = _train_rows(workdir, skip_rows)
-        if rows and rows[-1]["step"] >= min_step:
+        # Wait for a finished (renamed, not *-tmp-*) checkpoint too: on a loaded machine
+        # the first async save can still be in flight at step min_step, and a kill then
+        # rightly leaves nothing to resume from.
+        ckpt_dir = os.path.join(workdir, "checkpoints")
+        finished = os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir))
+        if rows and rows[-1]["step"] >= min_step and finished:
             os.kill(proc.pid, signum)
             return rows[-1]["step"]
         time.sleep(0.02)
