@@ -99,8 +99,12 @@ def _random_batch(batch_size: int, num_classes: int, seed: int = 0) -> dict[str,
     }
 
 
-def time_jax_train_step(config, steps: int) -> dict[str, float]:
-    """The project's train step, jitted as in ``train.train_and_evaluate``."""
+def jax_train_step(config) -> tuple[Callable[[], None], dict[str, float]]:
+    """The project's train step, jitted as in ``train.train_and_evaluate``.
+
+    Returns a function that runs one step to completion, and the compile time
+    and XLA's FLOP count of the compiled step.
+    """
     import jax
 
     from alexnet_jax import optim, train
@@ -130,9 +134,24 @@ def time_jax_train_step(config, steps: int) -> dict[str, float]:
         holder["state"], step_metrics = compiled(holder["state"], batch)
         jax.block_until_ready(step_metrics)
 
-    one_step()  # Warm-up: first-call allocations.
-    seconds = _median_seconds(one_step, steps)
-    return {"seconds": seconds, "compile_s": compile_s, "xla_flops": flops}
+    return one_step, {"compile_s": compile_s, "xla_flops": flops}
+
+
+def time_alternating(steps_by_name: dict[str, Callable[[], None]], steps: int) -> dict[str, list]:
+    """Wall times of ``steps`` calls of each function, taking turns after one warm-up each.
+
+    On a shared machine, load changes over time; alternating puts the
+    compared steps under the same load, so their ratio is fair.
+    """
+    for one_step in steps_by_name.values():
+        one_step()
+    times: dict[str, list] = {name: [] for name in steps_by_name}
+    for _ in range(steps):
+        for name, one_step in steps_by_name.items():
+            start = time.perf_counter()
+            one_step()
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
 def _xla_flops(compiled) -> float:
@@ -347,7 +366,7 @@ def torch_alexnet(num_classes: int, width: float, use_lrn: bool):
     )  # fmt: skip
 
 
-def time_torch_train_step(config, steps: int) -> dict[str, float]:
+def torch_train_step(config) -> tuple[Callable[[], None], dict[str, float]]:
     """PyTorch eager train step of the same network, with torch's default threads."""
     import torch
     from torch.nn import functional
@@ -371,10 +390,7 @@ def time_torch_train_step(config, steps: int) -> dict[str, float]:
         loss.backward()
         optimizer.step()
 
-    one_step()
-    seconds = _median_seconds(one_step, steps)
-    return {
-        "seconds": seconds,
+    return one_step, {
         "params": sum(p.numel() for p in net.parameters()),
         "threads": torch.get_num_threads(),
     }
@@ -423,19 +439,25 @@ def run(
             torch_error = "torch is not installed (pip install -r requirements-bench.txt)"
     for batch_size in batch_sizes:
         config = _config(width, num_classes, use_lrn, batch_size)
-        jax_r = time_jax_train_step(config, steps)
-        images_per_s = batch_size / jax_r["seconds"]
+        jax_step, jax_info = jax_train_step(config)
+        steps_by_name = {"jax": jax_step}
+        if not (skip_torch or torch_error):
+            torch_step, torch_info = torch_train_step(config)
+            steps_by_name["torch"] = torch_step
+        times = time_alternating(steps_by_name, steps)
+        images_per_s = batch_size / statistics.median(times["jax"])
         gflops = images_per_s * out["train_gflop_per_image"]
         row = {
             "images_per_s": images_per_s,
             "gflops": gflops,
             "fraction_of_peak": gflops / out["matmul_peak_gflops"],
-            "compile_s": jax_r["compile_s"],
-            "xla_step_gflop": jax_r["xla_flops"] / 1e9,
+            "compile_s": jax_info["compile_s"],
+            "xla_step_gflop": jax_info["xla_flops"] / 1e9,
         }
         print(f"[jax] batch {batch_size}: {images_per_s:.1f} images/s, {gflops:.1f} GFLOP/s, "
               f"{row['fraction_of_peak']:.2f} of matmul peak, compile {row['compile_s']:.1f} s, "
-              f"step {jax_r['seconds'] * 1e3:.0f} ms")  # fmt: skip
+              f"step {1e3 * batch_size / images_per_s:.0f} ms "
+              f"(best {batch_size / min(times['jax']):.1f} images/s)")  # fmt: skip
         row["peak_rss_mib"] = peak_rss_mib()
         print(f"peak resident memory: {row['peak_rss_mib']:.0f} MiB (process, after batch "
               f"{batch_size})")  # fmt: skip
@@ -444,12 +466,17 @@ def run(
         elif torch_error:
             print(f"[torch] batch {batch_size}: skipped: {torch_error}")
         else:
-            torch_r = time_torch_train_step(config, steps)
-            row["torch_images_per_s"] = batch_size / torch_r["seconds"]
-            row["ratio"] = images_per_s / row["torch_images_per_s"]
+            row["torch_images_per_s"] = batch_size / statistics.median(times["torch"])
+            paired = [t / j for t, j in zip(times["torch"], times["jax"], strict=True)]
+            row["ratio"] = statistics.median(paired)
+            threads, params = torch_info["threads"], torch_info["params"]
             print(f"[torch] batch {batch_size}: {row['torch_images_per_s']:.1f} images/s "
-                  f"({torch_r['threads']} threads, {torch_r['params']:,} parameters)")  # fmt: skip
-            print(f"ratio jax/torch at batch {batch_size}: {row['ratio']:.2f}x")
+                  f"({threads} threads, {params:,} parameters)")  # fmt: skip
+            print(
+                f"ratio jax/torch at batch {batch_size}: {row['ratio']:.2f}x "
+                "(median over alternating step pairs)"
+            )
+        del steps_by_name, jax_step  # Free this batch size's buffers before the next.
         out["batches"][batch_size] = row
 
     eval_batch = batch_sizes[0]
