@@ -384,4 +384,3 @@ def _pool_towers(x_T: jax.Array) -> jax.Array:
 def count_params(params: Any) -> int:
     """Number of scalars in a parameter pytree."""
     return sum(int(p.size) for p in jax.tree.leaves(params))
-

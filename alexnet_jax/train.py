@@ -116,7 +116,10 @@ def eval_step(params: Any, batch: dict[str, jax.Array], *, model: AlexNet) -> di
 def pad_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
     """Pads a short final batch to ``size`` and adds a 0/1 ``mask``."""
     n = len(batch["labels"])
-    padded = {k: np.concatenate([v, np.zeros((size - n, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
+    padded = {
+        k: np.concatenate([v, np.zeros((size - n, *v.shape[1:]), v.dtype)])
+        for k, v in batch.items()
+    }
     padded["mask"] = (np.arange(size) < n).astype(np.float32)
     return padded
 
@@ -142,7 +145,9 @@ def evaluate(
         process_index=shard_index,
         process_count=shard_count,
     ):
-        sums = jax.device_get(eval_fn(params, sharding.global_batch(mesh, pad_batch(local, local_batch))))
+        sums = jax.device_get(
+            eval_fn(params, sharding.global_batch(mesh, pad_batch(local, local_batch)))
+        )
         for k, v in sums.items():
             totals[k] = totals.get(k, 0.0) + float(v)
     count = max(totals.pop("count", 0.0), 1.0)
@@ -324,7 +329,9 @@ def _train_and_evaluate(
         if step == start_step + 1:
             # The first step includes compilation: time the rest from here.
             jax.block_until_ready(step_metrics)
-            logging.info("First step (with compilation) took %.1fs", time.time() - window_start_time)
+            logging.info(
+                "First step (with compilation) took %.1fs", time.time() - window_start_time
+            )
             window_start_time, window_start_step = time.time(), step
             timing_start = (window_start_time, step)
 
@@ -334,7 +341,9 @@ def _train_and_evaluate(
             _stop_if_not_finite([float(m["loss"]) for m in fetched], step - len(fetched) + 1, ckpt)
             means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
             now = time.time()
-            images_per_sec = (step - window_start_step) * config.batch_size / max(now - window_start_time, 1e-9)
+            images_per_sec = (
+                (step - window_start_step) * config.batch_size / max(now - window_start_time, 1e-9)
+            )
             window_start_time, window_start_step = now, step
             done_time, done_step = timing_start
             seconds_per_step = (now - done_time) / max(step - done_step, 1)

@@ -32,7 +32,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict()
     config.model.num_classes = 1000  # Must match the dataset's class count.
     config.model.width = 1.0  # Multiplies every layer's channel count; 1.0 is the paper's net.
-    config.model.init_scheme = "paper"  # "paper" (N(0,0.01), bias 1) or "he" (variance scaling, bias 0.1).
+    config.model.init_scheme = (
+        "paper"  # "paper" (N(0,0.01), bias 1) or "he" (variance scaling, bias 0.1).
+    )
     config.model.dropout_rate = 0.5  # On fc6 and fc7 outputs during training.
     config.model.use_lrn = True  # Local response normalization after conv1 and conv2.
     config.model.compute_dtype = "float32"  # "float32" or "bfloat16" (GPU/TPU); params stay f32.
