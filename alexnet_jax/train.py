@@ -101,6 +101,19 @@ def train_step(
     return new_state, step_metrics
 
 
+def jit_train_step(
+    model: AlexNet,
+    optimizer: optax.GradientTransformation,
+    learning_rate_fn: optax.Schedule,
+    **jit_kwargs: Any,
+) -> Any:
+    """``train_step`` jit-compiled with the state donated; ``jit_kwargs`` add shardings."""
+    step = functools.partial(
+        train_step, model=model, optimizer=optimizer, learning_rate_fn=learning_rate_fn
+    )
+    return jax.jit(step, donate_argnums=0, **jit_kwargs)
+
+
 def eval_step(params: Any, batch: dict[str, jax.Array], *, model: AlexNet) -> dict[str, jax.Array]:
     """Sums over the batch's real (``mask`` = 1) examples, so padded batches count right."""
     logits = model.apply({"params": params}, batch["images"], train=False)
@@ -260,13 +273,12 @@ def _train_and_evaluate(
         out_shardings=state_shardings.schedule,
     )
 
-    train_fn = jax.jit(
-        functools.partial(
-            train_step, model=model, optimizer=optimizer, learning_rate_fn=learning_rate_fn
-        ),
+    train_fn = jit_train_step(
+        model,
+        optimizer,
+        learning_rate_fn,
         in_shardings=(state_shardings, batch_shardings),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
-        donate_argnums=0,
     )
     eval_fn = jax.jit(
         functools.partial(eval_step, model=model),

@@ -1,12 +1,10 @@
 """The train step learns; launch.py trains, checkpoints, resumes and rejects bad overrides."""
 
-import functools
 import json
 import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
@@ -25,14 +23,7 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch(tiny_demo_dir):
     batch = next(
         pipeline.train_iterator(dataset, batch_size=16, seed=0, num_threads=1, input_scale=1 / 64)
     )
-    step = jax.jit(
-        functools.partial(
-            train.train_step,
-            model=net,
-            optimizer=optimizer,
-            learning_rate_fn=optim.learning_rate_schedule(config),
-        )
-    )
+    step = train.jit_train_step(net, optimizer, optim.learning_rate_schedule(config))
     losses = []
     for _ in range(12):
         state, metrics = step(state, batch)

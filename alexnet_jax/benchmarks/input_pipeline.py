@@ -130,15 +130,7 @@ def train_step_rate(width: float, batch_size: int, steps: int) -> float:
     config.batch_size = batch_size
     model = train.build_model(config)
     optimizer = optim.make_optimizer(config)
-    step_fn = jax.jit(
-        functools.partial(
-            train.train_step,
-            model=model,
-            optimizer=optimizer,
-            learning_rate_fn=optim.learning_rate_schedule(config),
-        ),
-        donate_argnums=0,
-    )
+    step_fn = train.jit_train_step(model, optimizer, optim.learning_rate_schedule(config))
     state = jax.jit(functools.partial(train.init_state, model, optimizer, 0))()
     rng = np.random.default_rng(0)
     batch = {

@@ -111,15 +111,7 @@ def jax_train_step(config) -> tuple[Callable[[], None], dict[str, float]]:
 
     model = train.build_model(config)
     optimizer = optim.make_optimizer(config)
-    step_fn = jax.jit(
-        functools.partial(
-            train.train_step,
-            model=model,
-            optimizer=optimizer,
-            learning_rate_fn=optim.learning_rate_schedule(config),
-        ),
-        donate_argnums=0,
-    )
+    step_fn = train.jit_train_step(model, optimizer, optim.learning_rate_schedule(config))
     state = jax.jit(functools.partial(train.init_state, model, optimizer, config.seed))()
     batch = jax.device_put(_random_batch(config.batch_size, config.model.num_classes))
 
