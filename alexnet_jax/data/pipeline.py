@@ -240,33 +240,17 @@ class TrainTransform(grain.transforms.RandomMap):
 
 @dataclasses.dataclass(frozen=True)
 class EvalTransform(grain.transforms.Map):
-    """The central patch, mean-subtracted: images are crop x crop x 3."""
+    """The central patch (crop x crop x 3) or, with ``ten_crop``, the paper's ten test
+    patches (10 x crop x crop x 3, in augment.TEN_CROP_POSITIONS order), mean-subtracted."""
 
     preprocessing: Preprocessing
+    ten_crop: bool = False
 
     def map(self, record: bytes) -> dict[str, Any]:
         p = self.preprocessing
         pixels, label = decode_record(record)
-        image = augment.center_crop(
-            pixels,
-            mean=p.mean,
-            crop_size=p.crop_size,
-            scale=p.scale,
-            dtype=numpy_dtype(p.dtype),
-        )
-        return {"images": image, "labels": np.int32(label)}
-
-
-@dataclasses.dataclass(frozen=True)
-class TenCropTransform(grain.transforms.Map):
-    """The paper's ten test patches: 10 x crop x crop x 3, in augment.TEN_CROP_POSITIONS order."""
-
-    preprocessing: Preprocessing
-
-    def map(self, record: bytes) -> dict[str, Any]:
-        p = self.preprocessing
-        pixels, label = decode_record(record)
-        image = augment.ten_crop(
+        crops = augment.ten_crop if self.ten_crop else augment.center_crop
+        image = crops(
             pixels,
             mean=p.mean,
             crop_size=p.crop_size,
@@ -413,8 +397,7 @@ def eval_iterator(
     """
     preprocessing = preprocessing or Preprocessing.paper(dataset, input_scale)
     ds = grain.MapDataset.source(dataset.source(split))[process_index::process_count]
-    transform = TenCropTransform if ten_crop else EvalTransform
-    ds = ds.map(transform(preprocessing))
+    ds = ds.map(EvalTransform(preprocessing, ten_crop=ten_crop))
     if ten_crop and prefetch == 0:
         prefetch = min(2 * (batch_size // process_count), 64)  # Each record is 10 crops.
     it = _batched_iter(
