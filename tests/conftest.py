@@ -49,3 +49,24 @@ def tiny_trained_workdir(tiny_demo_dir, tmp_path_factory):
     config.max_steps = 2
     train.train_and_evaluate(config, workdir)
     return workdir
+
+
+def tiny_launch_flags(data_dir: str, workdir, **overrides) -> list[str]:
+    """launch.py flags for a tiny demo run on ``tiny_demo_dir`` (1/16 width, batch 16).
+
+    ``overrides`` are further config fields, e.g. ``max_steps=3`` or ``mesh_shape="(1, 2)"``.
+    """
+    fields = {
+        "data.dir": data_dir,
+        "data.demo_train_per_class": 8,
+        "data.demo_val_per_class": 2,
+        "data.num_threads": 1,
+        "model.width": 0.0625,
+        "batch_size": 16,
+        "eval_batch_size": 20,
+        "log_every_steps": 1,
+        **overrides,
+    }
+    return ["--config=configs/demo.py", f"--workdir={workdir}"] + [
+        f"--config.{k}={v}" for k, v in fields.items()
+    ]

@@ -8,6 +8,7 @@ import pytest
 
 from alexnet_jax import config_lib, optim
 from configs import common, imagenet
+from tests.test_optim import _paper_loop
 
 
 def _config(**overrides):
@@ -82,14 +83,6 @@ def test_warmup_cosine_rises_linearly_then_decays_to_zero():
 def test_step_and_cosine_need_the_epoch_length():
     with pytest.raises(ValueError, match="steps_per_epoch"):
         optim.learning_rate_schedule(_config(schedule="step"))
-
-
-def _paper_loop(w, grads, lrs, momentum=0.9, weight_decay=5e-4):
-    v = np.zeros_like(w)
-    for g, lr in zip(grads, lrs, strict=True):
-        v = momentum * v - weight_decay * lr * w - lr * g
-        w = w + v
-    return w
 
 
 def test_plateau_drop_through_the_optimizer_state_matches_the_paper_rule():

@@ -21,7 +21,7 @@ import pytest
 
 from alexnet_jax import config_lib, optim, sharding, train
 from configs import imagenet_pod
-from tests.conftest import ROOT, tiny_config
+from tests.conftest import ROOT, tiny_config, tiny_launch_flags
 
 WORKER = os.path.join(ROOT, "tests", "sharding_worker.py")
 
@@ -161,24 +161,10 @@ def _free_port() -> int:
 
 
 def _launch_args(data_dir, workdir, mesh_shape: str, *extra: str):
-    return [
-        sys.executable,
-        os.path.join(ROOT, "launch.py"),
-        "--config=configs/demo.py",
-        f"--workdir={workdir}",
-        f"--config.data.dir={data_dir}",
-        "--config.data.demo_train_per_class=8",
-        "--config.data.demo_val_per_class=2",
-        "--config.data.num_threads=1",
-        "--config.model.width=0.0625",
-        "--config.batch_size=16",
-        "--config.eval_batch_size=20",
-        "--config.log_every_steps=1",
-        "--config.checkpoint_every_steps=2",
-        "--config.max_steps=2",
-        f"--config.mesh_shape={mesh_shape}",
-        *extra,
-    ]
+    flags = tiny_launch_flags(
+        data_dir, workdir, checkpoint_every_steps=2, max_steps=2, mesh_shape=mesh_shape
+    )
+    return [sys.executable, os.path.join(ROOT, "launch.py"), *flags, *extra]
 
 
 def _start(args: list[str]) -> subprocess.Popen:

@@ -10,7 +10,7 @@ import pytest
 
 from alexnet_jax import optim, train
 from alexnet_jax.data import pipeline
-from tests.conftest import ROOT, tiny_config
+from tests.conftest import ROOT, tiny_config, tiny_launch_flags
 
 
 def test_train_step_lowers_the_loss_on_a_fixed_batch(tiny_demo_dir):
@@ -53,23 +53,6 @@ def _launch(*args, timeout=600):
     )
 
 
-def _tiny_overrides(data_dir, workdir, max_steps):
-    return [
-        "--config=configs/demo.py",
-        f"--workdir={workdir}",
-        f"--config.data.dir={data_dir}",
-        "--config.data.demo_train_per_class=8",
-        "--config.data.demo_val_per_class=2",
-        "--config.data.num_threads=1",
-        "--config.model.width=0.0625",
-        "--config.batch_size=16",
-        "--config.eval_batch_size=20",
-        "--config.log_every_steps=1",
-        "--config.checkpoint_every_steps=3",
-        f"--config.max_steps={max_steps}",
-    ]
-
-
 def _rows(workdir, split):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [r for r in map(json.loads, f) if r["split"] == split]
@@ -77,7 +60,9 @@ def _rows(workdir, split):
 
 def test_launch_trains_checkpoints_and_resumes(tiny_demo_dir, tmp_path):
     workdir = str(tmp_path / "run")
-    first = _launch(*_tiny_overrides(tiny_demo_dir, workdir, max_steps=3))
+    first = _launch(
+        *tiny_launch_flags(tiny_demo_dir, workdir, checkpoint_every_steps=3, max_steps=3)
+    )
     assert first.returncode == 0, first.stderr[-3000:]
     assert os.path.isdir(os.path.join(workdir, "checkpoints", "3"))
     train_rows = _rows(workdir, "train")
@@ -86,7 +71,9 @@ def test_launch_trains_checkpoints_and_resumes(tiny_demo_dir, tmp_path):
     assert _rows(workdir, "val"), "no validation metrics written"
     assert os.listdir(os.path.join(workdir, "tensorboard"))
 
-    second = _launch(*_tiny_overrides(tiny_demo_dir, workdir, max_steps=5))
+    second = _launch(
+        *tiny_launch_flags(tiny_demo_dir, workdir, checkpoint_every_steps=3, max_steps=5)
+    )
     assert second.returncode == 0, second.stderr[-3000:]
     assert "Resumed from the checkpoint at step 3" in second.stderr
     # The second launch's first step is step 4, not a restart at 1.
