@@ -59,6 +59,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         m.compute_dtype,
         f"one of {COMPUTE_DTYPES}",
     )
+    _check(
+        m.conv_chunk_size >= -1,
+        "model.conv_chunk_size",
+        m.conv_chunk_size,
+        "an integer >= 0 (examples per conv chunk; 0 = whole batch) or -1 (auto)",
+    )
     _check(c.batch_size >= 1, "batch_size", c.batch_size, "an integer >= 1")
     _check(c.eval_batch_size >= 1, "eval_batch_size", c.eval_batch_size, "an integer >= 1")
     _check(c.num_epochs > 0, "num_epochs", c.num_epochs, "a number > 0")

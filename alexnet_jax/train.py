@@ -38,6 +38,23 @@ class TrainState:
     schedule: optim.ScheduleState  # The plateau rule's memory (learning-rate scale, best error).
 
 
+# conv1-pool5 on chunks of this many examples per data shard when the config says
+# auto (-1) on CPU: measured on 2 cores, paper net, batch 128, f32 train step:
+# chunks of 8 and 16 images 58.6 and 56.3 img/s, whole batch 37.1 img/s.
+CPU_CONV_CHUNK_SIZE = 8
+
+
+def conv_chunk_size(configured: int) -> int:
+    """``model.conv_chunk_size`` with auto (-1) resolved for the default backend.
+
+    Accelerators want whole-batch convolutions; XLA:CPU's are faster on small
+    chunks whose activations stay in cache.
+    """
+    if configured != -1:
+        return configured
+    return CPU_CONV_CHUNK_SIZE if jax.default_backend() == "cpu" else 0
+
+
 def build_model(
     config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None
 ) -> AlexNet:
@@ -49,6 +66,7 @@ def build_model(
         dropout_rate=m.dropout_rate,
         init_scheme=m.init_scheme,
         use_lrn=m.use_lrn,
+        conv_chunk_size=conv_chunk_size(m.conv_chunk_size),
         dtype=jnp.dtype(m.compute_dtype),
         mesh=mesh,
     )

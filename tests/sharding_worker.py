@@ -9,7 +9,8 @@ Writes JSON: for each mesh, the step's loss, its largest difference from the
 1-device step (params, optimizer state), the shapes the compiled step
 all-gathers, and for the 2-device mesh where every tower-local array's shards
 live and how they compare with the 1-device arrays. ``meshes`` runs the
-paper's SGD on 1, 2 (1x2) and 4 (2x2) devices; ``extras`` runs LARS on 1 and
+paper's SGD on 1, 2 (1x2) and 4 (2x2) devices, and with conv chunks of
+one image on 1 and 4 devices; ``extras`` runs LARS on 1 and
 2 devices and a bfloat16-compute step on 2.
 """
 
@@ -40,6 +41,7 @@ def tiny_config(optimizer: str = "sgd", compute_dtype: str = "float32"):
     config.batch_size = BATCH
     config.optimizer = optimizer
     config.model.compute_dtype = compute_dtype
+    config.model.conv_chunk_size = 0  # The whole batch; chunked cases set 1.
     return config
 
 
@@ -159,6 +161,17 @@ def main(mode: str, out_path: str) -> None:
                 mesh = sharding.make_mesh(shape, devs)
                 results["mesh_tower_devices"] = [d.id for d in mesh.devices[0]]
     if mode == "meshes":
+        # conv1-pool5 on one-image chunks: 2 chunks per data shard on 2x2, 4 on 1x1.
+        chunked = tiny_config()
+        chunked.model.conv_chunk_size = 1
+        for name, (shape, devs) in {"1x1": ((1, 1), devices[:1]), "2x2": ((2, 2), devices)}.items():
+            _, after, step_metrics, hlo = one_step(chunked, shape, devs)
+            results["cases"][f"chunked/{name}"] = {
+                "loss": float(step_metrics["loss"]),
+                "params_max_diff": max_diff(after.params, reference.params),
+                "opt_state_max_diff": max_diff(after.opt_state, reference.opt_state),
+                "all_gather_shapes": all_gather_shapes(hlo),
+            }
         return _write(results, out_path)
     # bfloat16 compute on 2 devices against the float32 step: close, params stay float32.
     _, _, f32_metrics, _ = one_step(tiny_config(), (1, 2), devices[:2])

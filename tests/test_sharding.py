@@ -94,6 +94,21 @@ def test_compiled_step_all_gathers_activations_never_kernels(mesh_results, mesh)
     assert sorted(gathered) == sorted(expected)
 
 
+@pytest.mark.parametrize("mesh", ["1x1", "2x2"])
+def test_conv_chunks_on_a_mesh_equal_the_whole_batch_step(mesh_results, mesh):
+    reference = mesh_results["cases"]["sgd/1x1"]
+    case = mesh_results["cases"][f"chunked/{mesh}"]
+    assert case["loss"] == pytest.approx(reference["loss"], rel=1e-6)
+    assert case["params_max_diff"] < 1e-6
+    assert case["opt_state_max_diff"] < 1e-6
+    if mesh == "2x2":
+        # Each data shard's 2 examples run conv1-pool5 as 2 chunks of 1: the merges into
+        # conv3 and fc6 happen per chunk, with no example leaving its data shard.
+        c2, c5, f = round(128 / 16), round(128 / 16), round(2048 / 16)
+        expected = [[2, 1, 13, 13, c2]] * 2 + [[2, 1, 6, 6, c5]] * 2 + [[2, 2, f]] * 2
+        assert sorted(case["all_gather_shapes"]) == sorted(expected)
+
+
 @pytest.mark.slow
 def test_lars_and_bfloat16_on_two_devices(tmp_path):
     results = _run_worker("extras", tmp_path)
