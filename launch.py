@@ -10,7 +10,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from alexnet_jax import checkpoint, config_lib, train
+from alexnet_jax import allocator, checkpoint, config_lib, train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/demo.py.", lock_config=True
@@ -47,6 +47,7 @@ def main(argv):
     logging.get_absl_handler().addFilter(_QuietLibraries())
     try:
         config_lib.validate(_CONFIG.value)
+        allocator.use(_CONFIG.value.host_allocator)  # May restart this command once.
         initialize_distributed(_CONFIG.value)
         logging.info(
             "JAX process %d/%d, local devices: %s",

@@ -22,6 +22,7 @@ calls after a warm-up call, and A/B comparisons belong in one run.
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 import resource
@@ -42,6 +43,12 @@ _SKIP_TORCH = flags.DEFINE_bool("skip_torch", False, "Do not run the PyTorch ref
 _SKIP_LAYERS = flags.DEFINE_bool("skip_layers", False, "Do not print the per-layer table.")
 _SKIP_EVAL = flags.DEFINE_bool("skip_eval", False, "Do not time eval throughput.")
 _MATMUL_SIZE = flags.DEFINE_integer("matmul_size", 2048, "Side of the square f32 matmul peak.")
+_CONV_CHUNK_SIZE = flags.DEFINE_integer(
+    "conv_chunk_size", -1, "config.model.conv_chunk_size (-1 auto: 8 on CPU; 0 whole batch)."
+)
+_HOST_ALLOCATOR = flags.DEFINE_enum(
+    "host_allocator", "mimalloc", ["mimalloc", "system"], "config.host_allocator for this run."
+)
 
 IMAGE_SIZE = 224
 
@@ -78,13 +85,16 @@ def matmul_peak_gflops(size: int, steps: int) -> float:
     return 2 * size**3 / best / 1e9
 
 
-def _config(width: float, num_classes: int, use_lrn: bool, batch_size: int):
+def _config(
+    width: float, num_classes: int, use_lrn: bool, batch_size: int, conv_chunk_size: int = -1
+):
     from configs import common
 
     config = common.base_config()
     config.model.width = width
     config.model.num_classes = num_classes
     config.model.use_lrn = use_lrn
+    config.model.conv_chunk_size = conv_chunk_size
     config.batch_size = batch_size
     return config
 
@@ -129,20 +139,26 @@ def jax_train_step(config) -> tuple[Callable[[], None], dict[str, float]]:
     return one_step, {"compile_s": compile_s, "xla_flops": flops}
 
 
-def time_alternating(steps_by_name: dict[str, Callable[[], None]], steps: int) -> dict[str, list]:
-    """Wall times of ``steps`` calls of each function, taking turns after one warm-up each.
+def time_alternating(
+    steps_by_name: dict[str, Callable[[], None]], steps: int, rounds: int = 3
+) -> dict[str, list]:
+    """Wall times of ``steps`` calls of each function, in turns of consecutive calls.
 
-    On a shared machine, load changes over time; alternating puts the
-    compared steps under the same load, so their ratio is fair.
+    On a shared machine, load changes over time; taking turns puts the compared
+    steps under the same load, so their ratio is fair. Each turn starts with an
+    untimed call and then times consecutive calls, as a training loop runs them:
+    the other framework's step in between would evict caches and let the
+    allocator return the step's buffers to the OS.
     """
-    for one_step in steps_by_name.values():
-        one_step()
     times: dict[str, list] = {name: [] for name in steps_by_name}
-    for _ in range(steps):
+    per_round = [steps // rounds + (r < steps % rounds) for r in range(rounds)]
+    for count in per_round:
         for name, one_step in steps_by_name.items():
-            start = time.perf_counter()
             one_step()
-            times[name].append(time.perf_counter() - start)
+            for _ in range(count):
+                start = time.perf_counter()
+                one_step()
+                times[name].append(time.perf_counter() - start)
     return times
 
 
@@ -267,7 +283,11 @@ def layer_table(config, batch_size: int, steps: int) -> list[tuple[str, str, flo
 
     rows = []
 
-    def time_row(name, fn, diff_args, const_args, out_shapes):
+    # With conv chunks, conv1-pool5 run once per chunk: time one chunk, count them all.
+    repeats = collections.Counter(name for name, *_ in calls)
+    calls = [call for i, call in enumerate(calls) if call[0] not in {c[0] for c in calls[:i]}]
+
+    def time_row(name, fn, diff_args, const_args, out_shapes, repeat=1):
         """Times fn(*diff_args, *const_args) and its VJP w.r.t. diff_args (random cotangent)."""
         forward = jax.jit(lambda d, c: fn(*d, *c))
         backward = jax.jit(lambda d, c, ct: jax.vjp(lambda *dd: fn(*dd, *c), *d)[1](ct))
@@ -281,7 +301,9 @@ def layer_table(config, batch_size: int, steps: int) -> list[tuple[str, str, flo
             lambda: jax.block_until_ready(backward(diff_args, const_args, cotangent)), steps
         )
         shapes = " ".join("x".join(map(str, s.shape)) for s in jax.tree.leaves(out_shapes))
-        rows.append((name, shapes, fwd_s * 1e3, both_s * 1e3))
+        if repeat > 1:
+            name, shapes = f"{name} x{repeat}", f"{shapes} each"
+        rows.append((name, shapes, repeat * fwd_s * 1e3, repeat * both_s * 1e3))
 
     def concrete(shape_tree, seed):
         key = jax.random.PRNGKey(seed)
@@ -296,10 +318,11 @@ def layer_table(config, batch_size: int, steps: int) -> list[tuple[str, str, flo
             return module.apply({"params": p}, *xs, **kwargs)
 
         # conv1's input is the image batch: its gradient is never needed.
+        repeat = repeats[name]
         if name == "conv1":
-            time_row(name, apply_layer, (params,), tuple(inputs), out)
+            time_row(name, apply_layer, (params,), tuple(inputs), out, repeat)
         else:
-            time_row(name, apply_layer, (params, *inputs), (), out)
+            time_row(name, apply_layer, (params, *inputs), (), out, repeat)
         if name in after:
             use_lrn = config.model.use_lrn and name != "conv5"
             x = jax.tree.map(lambda a: jnp.maximum(a, 0), concrete(out, 100 + i))
@@ -310,7 +333,7 @@ def layer_table(config, batch_size: int, steps: int) -> list[tuple[str, str, flo
                 return jax.tree.map(model_lib.max_pool_3x3_s2, x)
 
             label = after[name] if use_lrn else "pool" + name[-1]
-            time_row(label, norm_pool, (x,), (), jax.eval_shape(norm_pool, x))
+            time_row(label, norm_pool, (x,), (), jax.eval_shape(norm_pool, x), repeat)
     return rows
 
 
@@ -399,16 +422,21 @@ def run(
     skip_layers: bool = False,
     skip_eval: bool = False,
     matmul_size: int = 2048,
+    conv_chunk_size: int = -1,
 ) -> dict[str, Any]:
     """Runs every measurement, prints the report, and returns the numbers."""
     import jax
 
+    from alexnet_jax import allocator, train
     from alexnet_jax import model as model_lib
-    from alexnet_jax import train
 
     out: dict[str, Any] = {"batches": {}}
     print(f"jax {jax.__version__} on {jax.devices()} ({_cpu_count()} CPU cores)")
-    base = _config(width, num_classes, use_lrn, batch_sizes[0])
+    out["host_allocator"] = allocator.active()
+    out["conv_chunk_size"] = train.conv_chunk_size(conv_chunk_size)
+    print(f"host allocator: {out['host_allocator']}; conv chunk size: "
+          f"{out['conv_chunk_size'] or 'whole batch'}")  # fmt: skip
+    base = _config(width, num_classes, use_lrn, batch_sizes[0], conv_chunk_size)
     params = jax.eval_shape(
         functools.partial(train.init_state, train.build_model(base), _optimizer(base), base.seed)
     ).params
@@ -430,7 +458,7 @@ def run(
         except ImportError:
             torch_error = "torch is not installed (pip install -r requirements-bench.txt)"
     for batch_size in batch_sizes:
-        config = _config(width, num_classes, use_lrn, batch_size)
+        config = _config(width, num_classes, use_lrn, batch_size, conv_chunk_size)
         jax_step, jax_info = jax_train_step(config)
         steps_by_name = {"jax": jax_step}
         if not (skip_torch or torch_error):
@@ -466,7 +494,7 @@ def run(
                   f"({threads} threads, {params:,} parameters)")  # fmt: skip
             print(
                 f"ratio jax/torch at batch {batch_size}: {row['ratio']:.2f}x "
-                "(median over alternating step pairs)"
+                "(median of per-step time ratios over alternating turns)"
             )
         del steps_by_name, jax_step  # Free this batch size's buffers before the next.
         out["batches"][batch_size] = row
@@ -481,11 +509,12 @@ def run(
         rows = layer_table(base, batch_sizes[-1], steps)
         out["layers"] = rows
         print(f"per-layer times, batch {batch_sizes[-1]} (median ms):")
-        print(f"  {'layer':<12}{'output':<26}{'fwd ms':>9}{'fwd+bwd ms':>12}")
+        print(f"  {'layer':<16}{'output':<30}{'fwd ms':>9}{'fwd+bwd ms':>12}")
         for name, shape, fwd_ms, both_ms in rows:
-            print(f"  {name:<12}{shape:<26}{fwd_ms:>9.1f}{both_ms:>12.1f}")
+            print(f"  {name:<16}{shape:<30}{fwd_ms:>9.1f}{both_ms:>12.1f}")
         total = sum(r[3] for r in rows)
-        print(f"  {'sum':<38}{sum(r[2] for r in rows):>9.1f}{total:>12.1f}")
+        print(f"  {'sum':<46}{sum(r[2] for r in rows):>9.1f}{total:>12.1f}")
+        print("  (xN: the layer runs on N conv chunks; one chunk timed, times N)")
         print(
             "  (fwd+bwd = the forward plus the gradients w.r.t. inputs and parameters, "
             "as in a train step)"
@@ -516,6 +545,9 @@ def _cpu_count() -> int:
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    from alexnet_jax import allocator
+
+    allocator.use(_HOST_ALLOCATOR.value)  # May restart this command once.
     run(
         [int(b) for b in _BATCH_SIZES.value],
         steps=_STEPS.value,
@@ -526,6 +558,7 @@ def main(argv: Sequence[str]) -> None:
         skip_layers=_SKIP_LAYERS.value,
         skip_eval=_SKIP_EVAL.value,
         matmul_size=_MATMUL_SIZE.value,
+        conv_chunk_size=_CONV_CHUNK_SIZE.value,
     )
     sys.stdout.flush()
 

@@ -1,0 +1,81 @@
+"""Which malloc serves host memory: mimalloc by default on Linux, else the system's.
+
+XLA:CPU allocates each train step's temporary buffers (1.6 GB for the paper's
+net at batch 128) when the step starts and frees them when it ends. glibc
+serves a block that large with a fresh ``mmap`` every time, so the kernel
+zeroes and maps ~400k new pages per step: measured on 2 cores, ~600 ms of
+system time in a 2.2 s step. mimalloc keeps freed memory for a moment
+(``MIMALLOC_PURGE_DELAY``, 1 s here) and hands the same pages to the next
+step: 2190 -> 1720 ms per step, the same peak memory.
+
+An allocator can only be chosen when a process starts, so ``use`` re-executes
+the current command with ``LD_PRELOAD`` set, once, before any work is done.
+The library comes from the ``cmeel-mimalloc`` wheel (requirements.txt).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+import sysconfig
+
+from absl import logging
+
+ALLOCATORS = ("mimalloc", "system")
+
+# Set in the re-executed process: never re-execute twice, whatever happens.
+_REEXEC_MARK = "ALEXNET_JAX_ALLOCATOR"
+# How long mimalloc keeps freed memory before returning it to the OS (ms); it
+# must outlast the gap between one step's free and the next step's allocation.
+PURGE_DELAY_MS = "1000"
+
+
+def mimalloc_library() -> str | None:
+    """Path of the installed libmimalloc.so, or None (not Linux, wheel not installed)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    roots = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *sys.path}
+    for root in sorted(r for r in roots if r and os.path.isdir(r)):
+        found = sorted(glob.glob(os.path.join(root, "cmeel.prefix", "lib", "libmimalloc.so*")))
+        if found:
+            return found[0]
+    return None
+
+
+def active() -> str:
+    """The allocator this process runs with: "mimalloc" if its library is mapped."""
+    try:
+        with open("/proc/self/maps") as maps:
+            return "mimalloc" if "libmimalloc" in maps.read() else "system"
+    except OSError:
+        return "system"
+
+
+def use(name: str) -> None:
+    """Makes this process run with allocator ``name``, re-executing it if needed.
+
+    Returns without doing anything when ``name`` is already active, when it is
+    "system", or (with a warning) when mimalloc is not installed. Otherwise
+    this call does not return: the process is replaced by the same command
+    (``sys.orig_argv``) with mimalloc preloaded.
+    """
+    if name not in ALLOCATORS:
+        raise ValueError(f"host allocator must be one of {ALLOCATORS}, got {name!r}")
+    if name == "system" or active() == name or os.environ.get(_REEXEC_MARK):
+        return
+    library = mimalloc_library()
+    if library is None:
+        logging.warning(
+            "host_allocator=mimalloc but libmimalloc.so was not found (pip install "
+            "cmeel-mimalloc, Linux only); using the system allocator, CPU steps ~20%% slower"
+        )
+        return
+    env = dict(os.environ)
+    env["LD_PRELOAD"] = ":".join(p for p in (library, env.get("LD_PRELOAD")) if p)
+    env.setdefault("MIMALLOC_PURGE_DELAY", PURGE_DELAY_MS)
+    env[_REEXEC_MARK] = name
+    logging.info("Restarting with LD_PRELOAD=%s (host_allocator=mimalloc)", library)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, list(sys.orig_argv), env)
