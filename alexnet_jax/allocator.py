@@ -4,9 +4,12 @@ XLA:CPU allocates each train step's temporary buffers (1.6 GB for the paper's
 net at batch 128) when the step starts and frees them when it ends. glibc
 serves a block that large with a fresh ``mmap`` every time, so the kernel
 zeroes and maps ~400k new pages per step: measured on 2 cores, ~600 ms of
-system time in a 2.2 s step. mimalloc keeps freed memory for a moment
-(``MIMALLOC_PURGE_DELAY``, 1 s here) and hands the same pages to the next
-step: 2190 -> 1720 ms per step, the same peak memory.
+system time in a 2.2 s step. mimalloc hands the same pages to the next step:
+2190 -> 1770 ms per step, system time ~0. It is told never to return freed
+memory to the OS (``MIMALLOC_PURGE_DELAY=-1``): with its default 10 ms, or
+1 s, purging and re-faulting still cost 150-750 ms of system time per step;
+the price is that the process keeps its peak memory (5.0 instead of 4.3 GB
+for the paper's net at batch 128).
 
 An allocator can only be chosen when a process starts, so ``use`` re-executes
 the current command with ``LD_PRELOAD`` set, once, before any work is done.
@@ -26,9 +29,8 @@ ALLOCATORS = ("mimalloc", "system")
 
 # Set in the re-executed process: never re-execute twice, whatever happens.
 _REEXEC_MARK = "ALEXNET_JAX_ALLOCATOR"
-# How long mimalloc keeps freed memory before returning it to the OS (ms); it
-# must outlast the gap between one step's free and the next step's allocation.
-PURGE_DELAY_MS = "1000"
+# How long mimalloc keeps freed memory before returning it to the OS (ms); -1: never.
+PURGE_DELAY_MS = "-1"
 
 
 def mimalloc_library() -> str | None:
