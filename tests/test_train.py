@@ -23,7 +23,9 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch(tiny_demo_dir):
     batch = next(
         pipeline.train_iterator(dataset, batch_size=16, seed=0, num_threads=1, input_scale=1 / 64)
     )
-    step = train.jit_train_step(net, optimizer, optim.learning_rate_schedule(config))
+    # The demo's schedule is in epochs; 12 steps stay before its drop.
+    schedule = optim.learning_rate_schedule(config, steps_per_epoch=100, total_steps=1000)
+    step = train.jit_train_step(net, optimizer, schedule)
     losses = []
     for _ in range(12):
         state, metrics = step(state, batch)
