@@ -97,6 +97,16 @@ def max_diff(a, b) -> float:
     return max(jax.tree.leaves(diffs), default=0.0)
 
 
+def case_report(after, step_metrics, hlo: str, reference) -> dict:
+    """One mesh's step against the 1-device reference state, and what it all-gathers."""
+    return {
+        "loss": float(step_metrics["loss"]),
+        "params_max_diff": max_diff(after.params, reference.params),
+        "opt_state_max_diff": max_diff(after.opt_state, reference.opt_state),
+        "all_gather_shapes": all_gather_shapes(hlo),
+    }
+
+
 def shard_report(state, reference) -> list[dict]:
     """Every tower-local leaf of params and optimizer state: its shards vs the reference."""
     rows = []
@@ -142,12 +152,9 @@ def main(mode: str, out_path: str) -> None:
             meshes = {"1x2": meshes["1x2"]}
         for name, (shape, devs) in meshes.items():
             _, after, step_metrics, hlo = one_step(config, shape, devs)
-            results["cases"][f"{optimizer}/{name}"] = {
-                "loss": float(step_metrics["loss"]),
-                "params_max_diff": max_diff(after.params, reference.params),
-                "opt_state_max_diff": max_diff(after.opt_state, reference.opt_state),
-                "all_gather_shapes": all_gather_shapes(hlo),
-            }
+            results["cases"][f"{optimizer}/{name}"] = case_report(
+                after, step_metrics, hlo, reference
+            )
             if optimizer == "sgd" and name == "1x2":
                 results["shards"] = shard_report(after, reference)
                 results["fc8_kernel_replicated"] = after.params["fc8"][
@@ -166,12 +173,7 @@ def main(mode: str, out_path: str) -> None:
         chunked.model.conv_chunk_size = 1
         for name, (shape, devs) in {"1x1": ((1, 1), devices[:1]), "2x2": ((2, 2), devices)}.items():
             _, after, step_metrics, hlo = one_step(chunked, shape, devs)
-            results["cases"][f"chunked/{name}"] = {
-                "loss": float(step_metrics["loss"]),
-                "params_max_diff": max_diff(after.params, reference.params),
-                "opt_state_max_diff": max_diff(after.opt_state, reference.opt_state),
-                "all_gather_shapes": all_gather_shapes(hlo),
-            }
+            results["cases"][f"chunked/{name}"] = case_report(after, step_metrics, hlo, reference)
         return _write(results, out_path)
     # bfloat16 compute on 2 devices against the float32 step: close, params stay float32.
     _, _, f32_metrics, _ = one_step(tiny_config(), (1, 2), devices[:2])
