@@ -353,13 +353,12 @@ class AlexNet(nn.Module):
         merge = lambda x_T: merge_towers(sharding.all_towers(x_T, self.mesh))  # noqa: E731
         lrn = local_response_norm if self.use_lrn else (lambda x: x)
 
-        convs = [
-            conv("conv1", 48, 11, 4, 2), conv("conv2", 128, 5, 1, 2), conv("conv3", 192, 3, 1, 1),
-            conv("conv4", 192, 3, 1, 1), conv("conv5", 128, 3, 1, 1),
-        ]  # fmt: skip
+        # Defined once, so every chunk below calls the same layers (the same parameters).
+        conv1, conv2 = conv("conv1", 48, 11, 4, 2), conv("conv2", 128, 5, 1, 2)
+        conv3, conv4 = conv("conv3", 192, 3, 1, 1), conv("conv4", 192, 3, 1, 1)
+        conv5 = conv("conv5", 128, 3, 1, 1)
 
         def conv_stack(x):
-            conv1, conv2, conv3, conv4, conv5 = convs
             x = nn.relu(conv1(x, shared_input=True))  # T,B,55,55,48
             x = _pool_towers(lrn(x))  # T,B,27,27,48
             x = nn.relu(conv2(x, shared_input=False))  # T,B,27,27,128
@@ -405,7 +404,7 @@ class AlexNet(nn.Module):
 
 
 def conv_batch_chunks(local_batch: int, chunk_size: int) -> int:
-    """How many sequential chunks a data shard's ``local_batch`` examples are split into.
+    """How many chunks a data shard's ``local_batch`` examples are split into.
 
     The most chunks that divide the batch evenly with at least ``chunk_size``
     examples each; 1 (the whole batch) when ``chunk_size`` is 0 or the batch

@@ -29,7 +29,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from alexnet_jax import checkpoint, train
-from tests.conftest import ROOT, tiny_config
+from tests.conftest import ROOT, tiny_config, tiny_launch_flags
 
 TOTAL_STEPS = 20
 
@@ -209,15 +209,7 @@ def test_second_training_launch_into_a_busy_workdir_refuses(tiny_demo_dir, tmp_p
 
 
 def _overrides(data_dir, workdir, **extra):
-    flags = {
-        "data.dir": data_dir,
-        "data.demo_train_per_class": 8,
-        "data.demo_val_per_class": 2,
-        "data.num_threads": 1,
-        "model.width": 0.0625,
-        "batch_size": 16,
-        "eval_batch_size": 20,
-        "log_every_steps": 1,
+    fields = {
         "checkpoint_every_steps": 3,
         "max_steps": TOTAL_STEPS,
         # The plateau rule, made to drop after the evaluations at steps 10 and 15 (no
@@ -226,11 +218,8 @@ def _overrides(data_dir, workdir, **extra):
         "schedule": "plateau",
         "plateau_patience": 1,
         "plateau_min_delta": 1.0,
-        **extra,
     }
-    return ["--config=configs/demo.py", f"--workdir={workdir}"] + [
-        f"--config.{k}={v}" for k, v in flags.items()
-    ]
+    return tiny_launch_flags(data_dir, workdir, **{**fields, **extra})
 
 
 def _start(args, log_path):

@@ -285,7 +285,10 @@ def layer_table(config, batch_size: int, steps: int) -> list[tuple[str, str, flo
 
     # With conv chunks, conv1-pool5 run once per chunk: time one chunk, count them all.
     repeats = collections.Counter(name for name, *_ in calls)
-    calls = [call for i, call in enumerate(calls) if call[0] not in {c[0] for c in calls[:i]}]
+    first_calls: dict[str, tuple] = {}
+    for call in calls:
+        first_calls.setdefault(call[0], call)
+    calls = list(first_calls.values())
 
     def time_row(name, fn, diff_args, const_args, out_shapes, repeat=1):
         """Times fn(*diff_args, *const_args) and its VJP w.r.t. diff_args (random cotangent)."""
