@@ -117,8 +117,18 @@ _lrn.defvjp(_lrn_forward, _lrn_backward)
 
 
 def _max_pool_reduce_window(x: jax.Array) -> jax.Array:
+    """The 3x3/2 max-pool as one reduce_window (the reference the tests compare with)."""
     window = (1,) * (x.ndim - 3) + (3, 3, 1)
     strides = (1,) * (x.ndim - 3) + (2, 2, 1)
+    return jax.lax.reduce_window(
+        x, jnp.array(-jnp.inf, x.dtype), jax.lax.max, window, strides, "VALID"
+    )
+
+
+def _max3_stride2(x: jax.Array, axis: int) -> jax.Array:
+    """Max over windows of 3 with stride 2 along one axis."""
+    window, strides = [1] * x.ndim, [1] * x.ndim
+    window[axis], strides[axis] = 3, 2
     return jax.lax.reduce_window(
         x, jnp.array(-jnp.inf, x.dtype), jax.lax.max, window, strides, "VALID"
     )
@@ -128,9 +138,9 @@ def _max_pool_forward_only(x: jax.Array) -> jax.Array:
     """Max over 3 strided row slices, then over 3 strided column slices.
 
     The same maxima as ``reduce_window``, which XLA:CPU runs ~2-5x slower
-    when only the forward is needed (eval). Under differentiation the
-    reduce_window form is used instead: XLA fuses the slices with their
-    producer (LRN) and recomputes it, which made the train step slower.
+    when only the forward is needed (eval). Under differentiation reduce_window
+    is used instead: XLA fuses the slices with their producer (LRN) and
+    recomputes it, which made the train step slower.
     """
     for axis in (x.ndim - 3, x.ndim - 2):
         out = (x.shape[axis] - 3) // 2 + 1
@@ -150,36 +160,44 @@ def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
 
 
 def _max_pool_forward(x):
-    y = _max_pool_reduce_window(x)
-    return y, (x, y)
+    # Columns first, then rows; the column maxima are kept for the backward pass.
+    row_maxima = _max3_stride2(x, x.ndim - 2)  # ... x H x W' x C
+    y = _max3_stride2(row_maxima, x.ndim - 3)
+    return y, (x, row_maxima, y)
+
+
+def _route_to_first_max(x: jax.Array, y: jax.Array, g: jax.Array, axis: int) -> jax.Array:
+    """Gradient of a 1-d max over windows of 3, stride 2: g goes to each window's first maximum.
+
+    Three masked strided scatters that XLA fuses into one pass over ``x``.
+    """
+    out, size = y.shape[axis], x.shape[axis]
+    taken = jnp.zeros(y.shape, bool)
+    dx = jnp.zeros(x.shape, g.dtype)
+    zero = jnp.zeros((), g.dtype)
+    for i in range(3):
+        end = i + 2 * (out - 1) + 1
+        hit = (jax.lax.slice_in_dim(x, i, end, 2, axis) == y) & ~taken
+        taken = taken | hit
+        pad = [(0, 0, 0)] * x.ndim
+        pad[axis] = (i, size - end, 1)
+        dx = dx + jax.lax.pad(jnp.where(hit, g, zero), zero, pad)
+    return dx
 
 
 def _max_pool_backward(residuals, g):
     """Routes each output's gradient to the first maximum of its 3x3 window.
 
     The same rule as autodiff's select-and-scatter (row-major window order,
-    first maximum wins ties), as nine masked strided scatters that XLA fuses
-    into one pass over the input.
+    first maximum wins ties): the first maximum is in the window's first row
+    whose maximum is the window's, at that row's first maximum. So the
+    gradient goes through the 3 rows, then within the row through its 3
+    columns: two passes of 3 masked scatters, ~3x faster than the 9 masked
+    scatters of the 2-d window (train step ~1.1x).
     """
-    x, y = residuals
-    lead = x.ndim - 3
-    height, width, channels = x.shape[-3:]
-    out_h, out_w = y.shape[-3:-1]
-    taken = jnp.zeros(y.shape, bool)
-    dx = jnp.zeros(x.shape, g.dtype)
-    zero = jnp.zeros((), g.dtype)
-    for i in range(3):
-        for j in range(3):
-            end_h, end_w = i + 2 * (out_h - 1) + 1, j + 2 * (out_w - 1) + 1
-            window_x = jax.lax.slice(
-                x, (0,) * lead + (i, j, 0), x.shape[:lead] + (end_h, end_w, channels),
-                (1,) * lead + (2, 2, 1),
-            )  # fmt: skip
-            hit = (window_x == y) & ~taken
-            taken = taken | hit
-            pad = [(0, 0, 0)] * lead + [(i, height - end_h, 1), (j, width - end_w, 1), (0, 0, 0)]
-            dx = dx + jax.lax.pad(jnp.where(hit, g, zero), zero, pad)
-    return (dx,)
+    x, row_maxima, y = residuals
+    g_rows = _route_to_first_max(row_maxima, y, g, x.ndim - 3)
+    return (_route_to_first_max(x, row_maxima, g_rows, x.ndim - 2),)
 
 
 max_pool_3x3_s2.defvjp(_max_pool_forward, _max_pool_backward)
