@@ -20,6 +20,7 @@ ETA go to the log; the table goes to stdout and everything to a JSON file.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -120,7 +121,8 @@ def make_batch_fn(members: Sequence[Member], *, ten_crop: bool):
     models = [m.trained.model for m in members]
     scales = [float(m.trained.preprocessing.scale) for m in members]
 
-    @jax.jit
+    # One program for all members: the first member's config picks the XLA options.
+    @functools.partial(jax.jit, compiler_options=members[0].trained.compiler_options)
     def batch_errors(params_list, means_list, batch):
         views = batch["images"].astype(jnp.float32)
         b, v = views.shape[:2]

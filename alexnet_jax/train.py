@@ -16,7 +16,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from alexnet_jax import checkpoint, config_lib, metrics, optim, sharding
+from alexnet_jax import checkpoint, config_lib, metrics, optim, sharding, xla_options
 from alexnet_jax.data import demo, pipeline
 from alexnet_jax.model import AlexNet
 
@@ -125,7 +125,10 @@ def jit_train_step(
     learning_rate_fn: optax.Schedule,
     **jit_kwargs: Any,
 ) -> Any:
-    """``train_step`` jit-compiled with the state donated; ``jit_kwargs`` add shardings."""
+    """``train_step`` jit-compiled with the state donated.
+
+    ``jit_kwargs`` add shardings and ``compiler_options`` (``xla_options.for_config``).
+    """
     step = functools.partial(
         train_step, model=model, optimizer=optimizer, learning_rate_fn=learning_rate_fn
     )
@@ -291,17 +294,20 @@ def _train_and_evaluate(
         out_shardings=state_shardings.schedule,
     )
 
+    compiler_options = xla_options.for_config(config)
     train_fn = jit_train_step(
         model,
         optimizer,
         learning_rate_fn,
         in_shardings=(state_shardings, batch_shardings),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
+        compiler_options=compiler_options,
     )
     eval_fn = jax.jit(
         functools.partial(eval_step, model=model),
         in_shardings=(state_shardings.params, batch_shardings),
         out_shardings=sharding.replicated(mesh),
+        compiler_options=compiler_options,
     )
 
     train_iter = pipeline.train_iterator(

@@ -12,6 +12,7 @@ without them it draws ``--num_queries`` validation images.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -144,7 +145,7 @@ class Neighbours:
         return rows
 
 
-def make_features_and_distances_fn(model):
+def make_features_and_distances_fn(model, compiler_options: dict[str, str] | None = None):
     """Jitted (params, images B x 224 x 224 x 3, queries Q x D) -> (fc7 B x D, distances B x Q).
 
     One program serves the queries and the gallery, so an image's fc7 vector
@@ -153,7 +154,7 @@ def make_features_and_distances_fn(model):
     the distance 0 from itself.
     """
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=compiler_options)
     def features_and_distances(params, images_BxHxWxC, queries_QxD):
         _, fc7_BxD = model.apply(
             {"params": params}, images_BxHxWxC, train=False, with_features=True
@@ -201,7 +202,7 @@ def find_neighbours(
     streamed through the network in batches; only a running top-k per query is
     kept, so any gallery size fits in memory. Progress is logged.
     """
-    fn = make_features_and_distances_fn(trained.model)
+    fn = make_features_and_distances_fn(trained.model, trained.compiler_options)
     views = np.stack([trained.views(im, ten_crop=False)[0] for im in query_images])
     num_queries = len(views)
     dim = jax.eval_shape(

@@ -32,6 +32,7 @@ def test_benchmark_prints_its_fields(capsys):
     text = capsys.readouterr().out
     number = r"[0-9.]+"
     for pattern in (
+        r"host allocator: \w+; conv chunk size: [\w ]+; CPU convolutions: eigen",
         rf"matmul peak: {number} GFLOP/s",
         rf"model FLOPs: {number} GFLOP per training image",
         rf"\[jax\] batch 2: {number} images/s, {number} GFLOP/s, {number} of matmul peak, "

@@ -122,7 +122,7 @@ def train_step_rate(width: float, batch_size: int, steps: int) -> float:
     import jax
     import jax.numpy as jnp
 
-    from alexnet_jax import optim, train
+    from alexnet_jax import optim, train, xla_options
     from configs import imagenet
 
     config = imagenet.get_config()
@@ -130,7 +130,12 @@ def train_step_rate(width: float, batch_size: int, steps: int) -> float:
     config.batch_size = batch_size
     model = train.build_model(config)
     optimizer = optim.make_optimizer(config)
-    step_fn = train.jit_train_step(model, optimizer, optim.learning_rate_schedule(config))
+    step_fn = train.jit_train_step(
+        model,
+        optimizer,
+        optim.learning_rate_schedule(config),
+        compiler_options=xla_options.for_config(config),
+    )
     state = jax.jit(functools.partial(train.init_state, model, optimizer, 0))()
     rng = np.random.default_rng(0)
     batch = {

@@ -49,6 +49,9 @@ _CONV_CHUNK_SIZE = flags.DEFINE_integer(
 _HOST_ALLOCATOR = flags.DEFINE_enum(
     "host_allocator", "mimalloc", ["mimalloc", "system"], "config.host_allocator for this run."
 )
+_CPU_CONV_LIBRARY = flags.DEFINE_enum(
+    "cpu_conv_library", "eigen", ["eigen", "ynnpack"], "config.cpu_conv_library for this run."
+)
 
 IMAGE_SIZE = 224
 
@@ -86,7 +89,12 @@ def matmul_peak_gflops(size: int, steps: int) -> float:
 
 
 def _config(
-    width: float, num_classes: int, use_lrn: bool, batch_size: int, conv_chunk_size: int = -1
+    width: float,
+    num_classes: int,
+    use_lrn: bool,
+    batch_size: int,
+    conv_chunk_size: int = -1,
+    cpu_conv_library: str = "eigen",
 ):
     from configs import common
 
@@ -95,6 +103,7 @@ def _config(
     config.model.num_classes = num_classes
     config.model.use_lrn = use_lrn
     config.model.conv_chunk_size = conv_chunk_size
+    config.cpu_conv_library = cpu_conv_library
     config.batch_size = batch_size
     return config
 
@@ -117,11 +126,16 @@ def jax_train_step(config) -> tuple[Callable[[], None], dict[str, float]]:
     """
     import jax
 
-    from alexnet_jax import optim, train
+    from alexnet_jax import optim, train, xla_options
 
     model = train.build_model(config)
     optimizer = optim.make_optimizer(config)
-    step_fn = train.jit_train_step(model, optimizer, optim.learning_rate_schedule(config))
+    step_fn = train.jit_train_step(
+        model,
+        optimizer,
+        optim.learning_rate_schedule(config),
+        compiler_options=xla_options.for_config(config),
+    )
     state = jax.jit(functools.partial(train.init_state, model, optimizer, config.seed))()
     batch = jax.device_put(_random_batch(config.batch_size, config.model.num_classes))
 
@@ -140,7 +154,7 @@ def jax_train_step(config) -> tuple[Callable[[], None], dict[str, float]]:
 
 
 def time_alternating(
-    steps_by_name: dict[str, Callable[[], None]], steps: int, rounds: int = 3
+    steps_by_name: dict[str, Callable[[], None]], steps: int, rounds: int = 3, warmup: int = 3
 ) -> dict[str, list]:
     """Wall times of ``steps`` calls of each function, in turns of consecutive calls.
 
@@ -148,8 +162,14 @@ def time_alternating(
     steps under the same load, so their ratio is fair. Each turn starts with an
     untimed call and then times consecutive calls, as a training loop runs them:
     the other framework's step in between would evict caches and let the
-    allocator return the step's buffers to the OS.
+    allocator return the step's buffers to the OS. First, ``warmup`` untimed
+    calls of each: the allocator's pool of step-sized buffers grows over the first
+    few steps (a new 1.6 GB buffer, ~400k page faults, whenever the previous
+    step's is not yet free), and a training run lives in the steady state after.
     """
+    for one_step in steps_by_name.values():
+        for _ in range(warmup):
+            one_step()
     times: dict[str, list] = {name: [] for name in steps_by_name}
     per_round = [steps // rounds + (r < steps % rounds) for r in range(rounds)]
     for count in per_round:
@@ -210,21 +230,22 @@ def time_eval(config, batch_size: int, steps: int) -> dict[str, float]:
     import jax.numpy as jnp
     import numpy as np
 
-    from alexnet_jax import train
+    from alexnet_jax import train, xla_options
     from alexnet_jax.data import augment
 
     model = train.build_model(config)
+    jit = functools.partial(jax.jit, compiler_options=xla_options.for_config(config))
     params = jax.jit(
         lambda: model.init(
             jax.random.PRNGKey(0), jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3)), train=False
         )["params"]
     )()
 
-    @jax.jit
+    @jit
     def centre(params, images_BxHxWxC):
         return jax.nn.softmax(model.apply({"params": params}, images_BxHxWxC, train=False))
 
-    @jax.jit
+    @jit
     def ten_crop(params, crops_BxNxHxWxC):
         b, n = crops_BxNxHxWxC.shape[:2]
         logits = model.apply(
@@ -264,9 +285,10 @@ def layer_table(config, batch_size: int, steps: int) -> list[tuple[str, str, flo
     import jax.numpy as jnp
 
     from alexnet_jax import model as model_lib
-    from alexnet_jax import train
+    from alexnet_jax import train, xla_options
 
     model = train.build_model(config)
+    jit = functools.partial(jax.jit, compiler_options=xla_options.for_config(config))
     images = jnp.asarray(_random_batch(batch_size, 2)["images"])
     variables = jax.jit(lambda x: model.init(jax.random.PRNGKey(0), x, train=False))(images[:1])
     calls: list[tuple[str, nn.Module, tuple, dict, Any]] = []
@@ -292,8 +314,8 @@ def layer_table(config, batch_size: int, steps: int) -> list[tuple[str, str, flo
 
     def time_row(name, fn, diff_args, const_args, out_shapes, repeat=1):
         """Times fn(*diff_args, *const_args) and its VJP w.r.t. diff_args (random cotangent)."""
-        forward = jax.jit(lambda d, c: fn(*d, *c))
-        backward = jax.jit(lambda d, c, ct: jax.vjp(lambda *dd: fn(*dd, *c), *d)[1](ct))
+        forward = jit(lambda d, c: fn(*d, *c))
+        backward = jit(lambda d, c, ct: jax.vjp(lambda *dd: fn(*dd, *c), *d)[1](ct))
         cotangent = concrete(out_shapes, 7)
         jax.block_until_ready(forward(diff_args, const_args))
         fwd_s = _median_seconds(
@@ -426,6 +448,7 @@ def run(
     skip_eval: bool = False,
     matmul_size: int = 2048,
     conv_chunk_size: int = -1,
+    cpu_conv_library: str = "eigen",
 ) -> dict[str, Any]:
     """Runs every measurement, prints the report, and returns the numbers."""
     import jax
@@ -437,9 +460,11 @@ def run(
     print(f"jax {jax.__version__} on {jax.devices()} ({_cpu_count()} CPU cores)")
     out["host_allocator"] = allocator.active()
     out["conv_chunk_size"] = train.conv_chunk_size(conv_chunk_size)
+    out["cpu_conv_library"] = cpu_conv_library if jax.default_backend() == "cpu" else "n/a"
     print(f"host allocator: {out['host_allocator']}; conv chunk size: "
-          f"{out['conv_chunk_size'] or 'whole batch'}")  # fmt: skip
-    base = _config(width, num_classes, use_lrn, batch_sizes[0], conv_chunk_size)
+          f"{out['conv_chunk_size'] or 'whole batch'}; "
+          f"CPU convolutions: {out['cpu_conv_library']}")  # fmt: skip
+    base = _config(width, num_classes, use_lrn, batch_sizes[0], conv_chunk_size, cpu_conv_library)
     params = jax.eval_shape(
         functools.partial(train.init_state, train.build_model(base), _optimizer(base), base.seed)
     ).params
@@ -461,7 +486,7 @@ def run(
         except ImportError:
             torch_error = "torch is not installed (pip install -r requirements-bench.txt)"
     for batch_size in batch_sizes:
-        config = _config(width, num_classes, use_lrn, batch_size, conv_chunk_size)
+        config = _config(width, num_classes, use_lrn, batch_size, conv_chunk_size, cpu_conv_library)
         jax_step, jax_info = jax_train_step(config)
         steps_by_name = {"jax": jax_step}
         if not (skip_torch or torch_error):
@@ -562,6 +587,7 @@ def main(argv: Sequence[str]) -> None:
         skip_eval=_SKIP_EVAL.value,
         matmul_size=_MATMUL_SIZE.value,
         conv_chunk_size=_CONV_CHUNK_SIZE.value,
+        cpu_conv_library=_CPU_CONV_LIBRARY.value,
     )
     sys.stdout.flush()
 
