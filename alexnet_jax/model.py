@@ -40,12 +40,6 @@ LRN_BETA = 0.75
 
 INIT_SCHEMES = ("paper", "he")
 
-# Shared-input towers run as one side-by-side convolution only from this many outputs:
-# XLA:CPU picks a slow kernel for conv1 with 24 outputs, which made the side-by-side
-# conv1 of the quarter-width demo net (2 x 12 -> 24) halve its train step (89 vs 195
-# img/s, batch 64), while 48 and 96 outputs are fast.
-SIDE_BY_SIDE_MIN_FEATURES = 48
-
 Initializer = Callable[..., jax.Array]
 
 
@@ -252,6 +246,7 @@ class TowerConv(nn.Module):
     init: LayerInit
     dtype: Any = jnp.float32
     mesh: Mesh | None = None
+    side_by_side_min_features: int = 0  # See AlexNet.
 
     @nn.compact
     def __call__(self, x: jax.Array, *, shared_input: bool) -> jax.Array:
@@ -268,7 +263,7 @@ class TowerConv(nn.Module):
 
         def convolve(x, kernel, bias):  # The towers on this device: kernel[t] for t < T_local.
             towers, features = kernel.shape[0], kernel.shape[-1]
-            if shared_input and towers * features >= SIDE_BY_SIDE_MIN_FEATURES:
+            if shared_input and towers * features >= self.side_by_side_min_features:
                 # Every tower reads all of x: one convolution with the towers' kernels side
                 # by side (same sums per output channel), ~5% faster per train step on CPU.
                 side_by_side = jnp.moveaxis(kernel, 0, -2).reshape(*kernel.shape[1:-1], -1)
@@ -343,7 +338,9 @@ class AlexNet(nn.Module):
     mesh) places each tower on its own devices; parameters do not depend on it.
     ``conv_chunk_size`` > 0 runs conv1-pool5 as separate, smaller computations
     on chunks of about that many examples per data shard (``conv_batch_chunks``);
-    it changes the schedule, not the result.
+    it changes the schedule, not the result. Where towers share their input
+    (conv1, conv3) they run as one convolution with the towers' kernels side by
+    side once it has ``side_by_side_min_features`` outputs (same sums).
     """
 
     num_classes: int = 1000
@@ -352,6 +349,7 @@ class AlexNet(nn.Module):
     init_scheme: str = "paper"
     use_lrn: bool = True
     conv_chunk_size: int = 0
+    side_by_side_min_features: int = 0
     dtype: Any = jnp.float32
     mesh: Mesh | None = None
 
@@ -362,8 +360,9 @@ class AlexNet(nn.Module):
         inits = layer_inits(self.init_scheme)
         w = self.width
         conv = lambda name, c, k, s, p: TowerConv(  # noqa: E731
-            scaled(c, w), k, s, p, inits[name], self.dtype, self.mesh, name=name
-        )
+            scaled(c, w), k, s, p, inits[name], self.dtype, self.mesh,
+            self.side_by_side_min_features, name=name,
+        )  # fmt: skip
         dense = lambda name: TowerDense(  # noqa: E731
             scaled(2048, w), inits[name], self.dtype, self.mesh, name=name
         )

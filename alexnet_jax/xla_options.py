@@ -2,10 +2,10 @@
 
 jaxlib 0.10's XLA:CPU hands convolutions to YNNPACK by default. On the paper's
 net its own (Eigen) convolutions are faster: 2-core AMD EPYC, batch 128, f32
-train step, conv chunks of 8: 71-72 images/s with YNNPACK, 77-82 with Eigen
-(per layer, forward + both gradients: conv1 207 -> 297 GFLOP/s, conv2 375 -> 416,
-conv3 346 -> 456, conv4 324 -> 406, conv5 331 -> 381). Matmuls and reductions
-stay with YNNPACK either way.
+train step, conv chunks of 8, one process: 76.1 images/s with YNNPACK, 82.4 with
+Eigen (per layer on chunks of 8, forward + both gradients: conv1 207 -> 297 GFLOP/s,
+conv2 375 -> 416, conv3 346 -> 456, conv4 324 -> 406, conv5 331 -> 381). Matmuls
+and reductions stay with YNNPACK either way.
 
 Every ``jax.jit`` that runs the model passes ``for_config(config)`` as its
 ``compiler_options``; off CPU, or with an XLA that lacks the option, that is {}.
@@ -38,6 +38,21 @@ def cpu_options(conv_library: str) -> dict[str, str]:
         )
     kinds = _YNN_FUSION_TYPES[conv_library]
     return {YNN_FUSION_OPTION: ",".join(f"LIBRARY_FUSION_TYPE_{k}" for k in kinds)}
+
+
+# Shared-input towers (conv1, conv3) run as one side-by-side convolution from this many
+# outputs (AlexNet.side_by_side_min_features). With Eigen, always (quarter-width demo net,
+# batch 64: 458 vs 368 images/s; paper width 1.05x); YNNPACK picks a slow kernel for
+# conv1 with 24 outputs (the quarter-width side-by-side conv1: 140 vs 368 images/s), while
+# 48 and 96 are fast.
+SIDE_BY_SIDE_MIN_FEATURES = {"eigen": 0, "ynnpack": 48}
+
+
+def side_by_side_min_features(config: Any) -> int:
+    """``AlexNet.side_by_side_min_features`` for ``config`` on this backend."""
+    if jax.default_backend() != "cpu":
+        return 0
+    return SIDE_BY_SIDE_MIN_FEATURES[config.cpu_conv_library]
 
 
 def for_config(config: Any) -> dict[str, str]:

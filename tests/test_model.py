@@ -183,9 +183,15 @@ def test_conv_batch_chunks_divide_the_batch_evenly():
     assert model.conv_batch_chunks(128, 0) == 1  # 0 = whole batch.
 
 
-def test_conv_chunks_change_the_schedule_not_the_result():
+@pytest.mark.parametrize(
+    "schedule",
+    [{"conv_chunk_size": 1}, {"side_by_side_min_features": 10**6}],
+    ids=["conv_chunks_of_one_image", "one_conv_per_tower"],
+)
+def test_schedule_options_change_the_schedule_not_the_result(schedule):
+    # The default runs shared-input towers side by side; batch 6 -> 6 chunks of one image.
     whole = AlexNet(num_classes=10, width=1 / 16, init_scheme="he")
-    chunked = whole.clone(conv_chunk_size=1)  # Batch 6 -> 6 chunks of one image.
+    chunked = whole.clone(**schedule)
     images = jax.random.normal(jax.random.PRNGKey(1), (6, 224, 224, 3))
     labels = jnp.arange(6) % 10
     params = whole.init({"params": jax.random.PRNGKey(0)}, images, train=False)["params"]
@@ -198,7 +204,7 @@ def test_conv_chunks_change_the_schedule_not_the_result():
 
     (loss_w, logits_w), grads_w = jax.value_and_grad(loss, has_aux=True)(params, whole)
     (loss_c, logits_c), grads_c = jax.value_and_grad(loss, has_aux=True)(params, chunked)
-    # Chunks keep the examples' order: the same logits, loss and (summed) gradients.
+    # The same logits, loss and (summed) gradients, in the examples' order.
     np.testing.assert_allclose(logits_c, logits_w, rtol=1e-5, atol=1e-5)
     assert float(loss_c) == pytest.approx(float(loss_w), rel=1e-6)
     for path, g_w in jax.tree_util.tree_leaves_with_path(grads_w):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alexnet_jax import config_lib, xla_options
+from alexnet_jax import config_lib, train, xla_options
 from configs import common
 
 ON_CPU = jax.default_backend() == "cpu"
@@ -33,6 +33,16 @@ def test_unknown_library_is_a_config_error_naming_the_choices():
     config.cpu_conv_library = "mkl"
     with pytest.raises(config_lib.ConfigError, match=r"config.cpu_conv_library = 'mkl'.*ynnpack"):
         config_lib.validate(config)
+
+
+@pytest.mark.skipif(not ON_CPU, reason="the threshold is for XLA:CPU's libraries")
+def test_side_by_side_towers_avoid_ynnpacks_slow_24_output_conv():
+    config = common.base_config()
+    assert xla_options.side_by_side_min_features(config) == 0  # Eigen: always side by side.
+    config.cpu_conv_library = "ynnpack"
+    assert xla_options.side_by_side_min_features(config) == 48
+    config.model.width = 0.25  # conv1: 2 x 12 = 24 outputs -> one conv per tower.
+    assert train.build_model(config).side_by_side_min_features == 48
 
 
 @pytest.mark.skipif(not ON_CPU, reason="the option is XLA:CPU's")
