@@ -117,6 +117,9 @@ def _rate(next_batch: Callable[[], object], batch_size: int, num_batches: int) -
     return batch_size * num_batches / (time.perf_counter() - start)
 
 
+WARMUP_STEPS = 3
+
+
 def train_step_rate(width: float, batch_size: int, steps: int) -> float:
     """Images/s of the real jitted train step (after compilation), median over ``steps``."""
     import jax
@@ -142,8 +145,9 @@ def train_step_rate(width: float, batch_size: int, steps: int) -> float:
         "images": jnp.asarray(rng.normal(0, 50, (batch_size, 224, 224, 3)), jnp.float32),
         "labels": jnp.asarray(rng.integers(0, config.model.num_classes, batch_size), jnp.int32),
     }
-    state, step_metrics = step_fn(state, batch)  # Compiles.
-    jax.block_until_ready(step_metrics)
+    for _ in range(WARMUP_STEPS):  # The first compiles; the allocator's pool grows over a few.
+        state, step_metrics = step_fn(state, batch)
+        jax.block_until_ready(step_metrics)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
@@ -252,10 +256,16 @@ def define_flags() -> None:
     flags.DEFINE_float("train_width", 1.0, "Model width for the train step (1.0 = the paper's).")
     flags.DEFINE_integer("train_steps", 3, "Timed train steps after compilation.")
     flags.DEFINE_enum("dtype", "float32", list(pipeline.DTYPES), "Pipeline batch dtype.")
+    flags.DEFINE_enum(
+        "host_allocator", "mimalloc", ["mimalloc", "system"], "config.host_allocator for this run."
+    )
 
 
 def main(argv) -> None:
     del argv
+    from alexnet_jax import allocator
+
+    allocator.use(FLAGS.host_allocator)  # As launch.py does; may restart this command once.
     run(
         samples_dir=FLAGS.samples_dir or None,
         synthetic_images=FLAGS.synthetic_images,
