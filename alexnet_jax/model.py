@@ -110,15 +110,6 @@ def _lrn_backward(radius, bias, alpha, beta, x, g):
 _lrn.defvjp(_lrn_forward, _lrn_backward)
 
 
-def _max_pool_reduce_window(x: jax.Array) -> jax.Array:
-    """The 3x3/2 max-pool as one reduce_window (the reference the tests compare with)."""
-    window = (1,) * (x.ndim - 3) + (3, 3, 1)
-    strides = (1,) * (x.ndim - 3) + (2, 2, 1)
-    return jax.lax.reduce_window(
-        x, jnp.array(-jnp.inf, x.dtype), jax.lax.max, window, strides, "VALID"
-    )
-
-
 def _max3_stride2(x: jax.Array, axis: int) -> jax.Array:
     """Max over windows of 3 with stride 2 along one axis."""
     window, strides = [1] * x.ndim, [1] * x.ndim

@@ -32,6 +32,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
+from alexnet_jax import allocator
 from alexnet_jax.data import augment, pipeline, prepare, writer
 
 DEFAULT_SAMPLES = os.path.join(
@@ -257,14 +258,15 @@ def define_flags() -> None:
     flags.DEFINE_integer("train_steps", 3, "Timed train steps after compilation.")
     flags.DEFINE_enum("dtype", "float32", list(pipeline.DTYPES), "Pipeline batch dtype.")
     flags.DEFINE_enum(
-        "host_allocator", "mimalloc", ["mimalloc", "system"], "config.host_allocator for this run."
+        "host_allocator",
+        "mimalloc",
+        list(allocator.ALLOCATORS),
+        "config.host_allocator for this run.",
     )
 
 
 def main(argv) -> None:
     del argv
-    from alexnet_jax import allocator
-
     allocator.use(FLAGS.host_allocator)  # As launch.py does; may restart this command once.
     run(
         samples_dir=FLAGS.samples_dir or None,

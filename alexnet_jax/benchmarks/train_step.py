@@ -34,6 +34,8 @@ from typing import Any
 
 from absl import app, flags
 
+from alexnet_jax import allocator, xla_options
+
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["128", "64"], "Train batch sizes to time.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed calls per measurement (the median is reported).")
 _WIDTH = flags.DEFINE_float("width", 1.0, "Width multiplier of the network (1.0 = the paper's).")
@@ -47,10 +49,13 @@ _CONV_CHUNK_SIZE = flags.DEFINE_integer(
     "conv_chunk_size", -1, "config.model.conv_chunk_size (-1 auto: 8 on CPU; 0 whole batch)."
 )
 _HOST_ALLOCATOR = flags.DEFINE_enum(
-    "host_allocator", "mimalloc", ["mimalloc", "system"], "config.host_allocator for this run."
+    "host_allocator", "mimalloc", list(allocator.ALLOCATORS), "config.host_allocator for this run."
 )
 _CPU_CONV_LIBRARY = flags.DEFINE_enum(
-    "cpu_conv_library", "eigen", ["eigen", "ynnpack"], "config.cpu_conv_library for this run."
+    "cpu_conv_library",
+    "eigen",
+    list(xla_options.CPU_CONV_LIBRARIES),
+    "config.cpu_conv_library for this run.",
 )
 
 IMAGE_SIZE = 224
@@ -126,7 +131,7 @@ def jax_train_step(config) -> tuple[Callable[[], None], dict[str, float]]:
     """
     import jax
 
-    from alexnet_jax import optim, train, xla_options
+    from alexnet_jax import optim, train
 
     model = train.build_model(config)
     optimizer = optim.make_optimizer(config)
@@ -230,7 +235,7 @@ def time_eval(config, batch_size: int, steps: int) -> dict[str, float]:
     import jax.numpy as jnp
     import numpy as np
 
-    from alexnet_jax import train, xla_options
+    from alexnet_jax import train
     from alexnet_jax.data import augment
 
     model = train.build_model(config)
@@ -285,7 +290,7 @@ def layer_table(config, batch_size: int, steps: int) -> list[tuple[str, str, flo
     import jax.numpy as jnp
 
     from alexnet_jax import model as model_lib
-    from alexnet_jax import train, xla_options
+    from alexnet_jax import train
 
     model = train.build_model(config)
     jit = functools.partial(jax.jit, compiler_options=xla_options.for_config(config))
@@ -453,8 +458,8 @@ def run(
     """Runs every measurement, prints the report, and returns the numbers."""
     import jax
 
-    from alexnet_jax import allocator, train
     from alexnet_jax import model as model_lib
+    from alexnet_jax import train
 
     out: dict[str, Any] = {"batches": {}}
     print(f"jax {jax.__version__} on {jax.devices()} ({_cpu_count()} CPU cores)")
@@ -573,8 +578,6 @@ def _cpu_count() -> int:
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    from alexnet_jax import allocator
-
     allocator.use(_HOST_ALLOCATOR.value)  # May restart this command once.
     run(
         [int(b) for b in _BATCH_SIZES.value],
