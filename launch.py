@@ -1,6 +1,9 @@
 """Entry point: parses the config and workdir, then trains.
 
 python launch.py --config=configs/demo.py --workdir=/tmp/alexnet_demo --config.batch_size=32
+
+Process-level settings (not part of an experiment; alexnet_jax/tuning.py):
+ALEXNET_JAX_HOST_ALLOCATOR=auto|mimalloc|system, ALEXNET_JAX_CPU_CONVS=eigen|ynnpack.
 """
 
 import logging as std_logging
@@ -10,7 +13,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from alexnet_jax import allocator, checkpoint, config_lib, train
+from alexnet_jax import allocator, checkpoint, config_lib, train, tuning
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/demo.py.", lock_config=True
@@ -47,7 +50,8 @@ def main(argv):
     logging.get_absl_handler().addFilter(_QuietLibraries())
     try:
         config_lib.validate(_CONFIG.value)
-        allocator.use(_CONFIG.value.host_allocator)  # May restart this command once.
+        tuning.configure_process()  # Before JAX starts its backends.
+        allocator.use(tuning.host_allocator())  # May restart this command once.
         initialize_distributed(_CONFIG.value)
         logging.info(
             "JAX process %d/%d, local devices: %s",
@@ -58,6 +62,7 @@ def main(argv):
         train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except (
         config_lib.ConfigError,
+        tuning.SettingError,
         FileNotFoundError,
         checkpoint.WorkdirInUseError,
         checkpoint.NoUsableCheckpointError,

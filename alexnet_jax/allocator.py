@@ -1,15 +1,12 @@
-"""Which malloc serves host memory: mimalloc by default on Linux, else the system's.
+"""Which malloc serves host memory: the mechanism (``tuning.host_allocator`` chooses).
 
-XLA:CPU allocates each train step's temporary buffers (1.6 GB for the paper's
-net at batch 128) when the step starts and frees them when it ends. glibc
-serves a block that large with a fresh ``mmap`` every time, so the kernel
-zeroes and maps ~400k new pages per step: measured on 2 cores, ~600 ms of
-system time in a 2.2 s step. mimalloc hands the same pages to the next step:
-2190 -> 1770 ms per step, system time ~0. It is told never to return freed
-memory to the OS (``MIMALLOC_PURGE_DELAY=-1``): with its default 10 ms, or
-1 s, purging and re-faulting still cost 150-750 ms of system time per step;
-the price is that the process keeps its peak memory (5.0 instead of 4.3 GB
-for the paper's net at batch 128).
+XLA:CPU allocates each train step's temporary buffers when the step starts
+and frees them when it ends. glibc serves blocks that large with a fresh
+``mmap`` every time, so the kernel zeroes and maps them anew each step;
+mimalloc hands the same pages to the next step. It is told never to return
+freed memory to the OS (``MIMALLOC_PURGE_DELAY=-1``), since purging and
+re-faulting cost the same again; the price is that the process keeps its
+peak memory. The README's performance section has the measurements.
 
 An allocator can only be chosen when a process starts, so ``use`` re-executes
 the current command with ``LD_PRELOAD`` set, once, before any work is done.
@@ -69,15 +66,15 @@ def use(name: str) -> None:
     library = mimalloc_library()
     if library is None:
         logging.warning(
-            "host_allocator=mimalloc but libmimalloc.so was not found (pip install "
-            "cmeel-mimalloc, Linux only); using the system allocator, CPU steps ~20%% slower"
+            "The host allocator is mimalloc but libmimalloc.so was not found (pip install "
+            "cmeel-mimalloc, Linux only); using the system allocator (slower CPU steps)."
         )
         return
     env = dict(os.environ)
     env["LD_PRELOAD"] = ":".join(p for p in (library, env.get("LD_PRELOAD")) if p)
     env.setdefault("MIMALLOC_PURGE_DELAY", PURGE_DELAY_MS)
     env[_REEXEC_MARK] = name
-    logging.info("Restarting with LD_PRELOAD=%s (host_allocator=mimalloc)", library)
+    logging.info("Restarting with LD_PRELOAD=%s (host allocator: mimalloc)", library)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, list(sys.orig_argv), env)

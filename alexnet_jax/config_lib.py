@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from alexnet_jax import allocator, model, optim, xla_options
+from alexnet_jax import model, optim
 from alexnet_jax.data import pipeline
 
 DATA_SOURCES = ("demo", "prepared", "tfds")
@@ -64,18 +64,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "model.conv_chunk_size",
         m.conv_chunk_size,
         "an integer >= 0 (examples per conv chunk; 0 = whole batch) or -1 (auto)",
-    )
-    _check(
-        c.host_allocator in allocator.ALLOCATORS,
-        "host_allocator",
-        c.host_allocator,
-        f"one of {allocator.ALLOCATORS}",
-    )
-    _check(
-        c.cpu_conv_library in xla_options.CPU_CONV_LIBRARIES,
-        "cpu_conv_library",
-        c.cpu_conv_library,
-        f"one of {xla_options.CPU_CONV_LIBRARIES}",
     )
     _check(c.batch_size >= 1, "batch_size", c.batch_size, "an integer >= 1")
     _check(c.eval_batch_size >= 1, "eval_batch_size", c.eval_batch_size, "an integer >= 1")

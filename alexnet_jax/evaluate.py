@@ -20,7 +20,6 @@ ETA go to the log; the table goes to stdout and everything to a JSON file.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import sys
@@ -33,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from alexnet_jax import checkpoint, metrics, predict, sharding, train
+from alexnet_jax import checkpoint, metrics, predict, sharding, train, tuning
 from alexnet_jax.data import augment, pipeline
 
 CENTRE_VIEW = augment.TEN_CROP_POSITIONS.index("centre")  # The centre patch among the ten.
@@ -122,7 +121,7 @@ def make_batch_fn(members: Sequence[Member], *, ten_crop: bool):
     scales = [float(m.trained.preprocessing.scale) for m in members]
 
     # One program for all members: the first member's config picks the XLA options.
-    @functools.partial(jax.jit, compiler_options=members[0].trained.compiler_options)
+    @jax.jit
     def batch_errors(params_list, means_list, batch):
         views = batch["images"].astype(jnp.float32)
         b, v = views.shape[:2]
@@ -352,6 +351,7 @@ def main(argv: Sequence[str]) -> int:
     if _BATCH_SIZE.value < 1:
         raise app.UsageError("--batch_size must be >= 1")
     try:
+        tuning.configure_process()  # Before JAX starts its backends.
         members = load_members(workdirs, which=_CHECKPOINT.value, data_dir=_DATA_DIR.value)
         report = evaluate_members(
             members,

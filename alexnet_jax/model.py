@@ -2,15 +2,17 @@
 
 Per-tower parameters carry a leading tower axis of size 2 (``conv1/kernel`` is
 ``2 x 11 x 11 x 3 x 48``), so each tower's kernels are one slice that the
-sharding rules can place on its own device. Towers never use grouped
-convolutions: on XLA:CPU two ordinary convolutions are about 4x faster.
+sharding rules can place on its own device (not a grouped convolution,
+whose kernels would be one array).
 
 Activations between tower-local layers are stacked as ``T x B x H x W x C``.
 Towers exchange activations only where the paper's GPUs did: into conv3,
 fc6, fc7 and fc8. Given a mesh, each tower-local layer runs under
 ``sharding.tower_map`` (device d computes tower d with its own kernels) and
 each exchange is ``sharding.all_towers``; without one, or on one device, the
-same code loops over both towers in python.
+same code loops over both towers in python. ``Kernels`` says how each
+operation is computed; the plain forms here are the reference, and
+``alexnet_jax/tuning.py`` picks faster schedules of the same values per backend.
 
 conv1 pads 2 pixels on each side so that a 224x224 crop gives the paper's
 55x55 maps (the torchvision convention; Caffe crops 227 instead).
@@ -43,29 +45,8 @@ INIT_SCHEMES = ("paper", "he")
 Initializer = Callable[..., jax.Array]
 
 
-def local_response_norm(
-    x: jax.Array,
-    *,
-    depth_radius: int = LRN_DEPTH_RADIUS,
-    bias: float = LRN_BIAS,
-    alpha: float = LRN_ALPHA,
-    beta: float = LRN_BETA,
-) -> jax.Array:
-    """The paper's LRN over the last (channel) axis, window clipped at the edges.
-
-    b_c = a_c / (bias + alpha * sum_{|j-c| <= depth_radius} a_j^2) ** beta.
-    alpha is NOT divided by the window size (PyTorch and Caffe do that).
-    Computed in float32 with a hand-written gradient (see ``_lrn``).
-    """
-    return _lrn(x.astype(jnp.float32), depth_radius, bias, alpha, beta).astype(x.dtype)
-
-
-def _channel_window_sum(a: jax.Array, radius: int) -> jax.Array:
-    """sum_{|j-c| <= radius} a_j over the last axis (zeros past the edges).
-
-    Shifted adds of a padded copy: XLA fuses them into one elementwise loop,
-    where reduce_window's gradient is a second, slower windowed reduction.
-    """
+def channel_window_sum(a: jax.Array, radius: int) -> jax.Array:
+    """sum_{|j-c| <= radius} a_j over the last (channel) axis, zeros past the edges."""
     channels = a.shape[-1]
     padded = jnp.pad(a, ((0, 0),) * (a.ndim - 1) + ((radius, radius),))
     total = padded[..., :channels]
@@ -74,118 +55,89 @@ def _channel_window_sum(a: jax.Array, radius: int) -> jax.Array:
     return total
 
 
-def _lrn_scale(x, radius, bias, alpha, beta) -> tuple[jax.Array, jax.Array]:
-    """(d ** -beta, d) with d = bias + alpha * (window sum of x^2)."""
-    denominator = bias + alpha * _channel_window_sum(jnp.square(x), radius)
-    if beta == 0.75:
-        # d ** -0.75 as rsqrt(d) * sqrt(rsqrt(d)): avoids a general pow (log + exp).
-        inv = jax.lax.rsqrt(denominator)
-        return inv * jnp.sqrt(inv), denominator
-    return denominator ** (-beta), denominator
+def local_response_norm(
+    x: jax.Array,
+    *,
+    depth_radius: int = LRN_DEPTH_RADIUS,
+    bias: float = LRN_BIAS,
+    alpha: float = LRN_ALPHA,
+    beta: float = LRN_BETA,
+) -> jax.Array:
+    """The paper's LRN (Sec. 3.3) over the channel axis, computed in float32.
 
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
-def _lrn(x, radius, bias, alpha, beta):
-    return x * _lrn_scale(x, radius, bias, alpha, beta)[0]
-
-
-def _lrn_forward(x, radius, bias, alpha, beta):
-    # Only x is kept for the backward pass; the scale is recomputed there
-    # (cheap, fused), which saves storing two more activation-sized arrays.
-    return _lrn(x, radius, bias, alpha, beta), x
-
-
-def _lrn_backward(radius, bias, alpha, beta, x, g):
-    """dx_j = g_j s_j - 2 alpha beta x_j * sum_{|c-j| <= radius} g_c x_c s_c / d_c.
-
-    The exact gradient of ``x * s`` with s = d ** -beta, written so it is two
-    fused elementwise passes instead of autodiff's windowed reductions.
+    b_c = a_c / (bias + alpha * sum_{|j-c| <= depth_radius} a_j^2) ** beta,
+    the window clipped at the first and last channel. alpha is NOT divided by
+    the window size (PyTorch and Caffe do that).
     """
-    scale, denominator = _lrn_scale(x, radius, bias, alpha, beta)
-    g_scaled = g * scale
-    spread = _channel_window_sum(g_scaled * x / denominator, radius)
-    return (g_scaled - (2 * alpha * beta) * x * spread,)
+    a = x.astype(jnp.float32)
+    denominator = bias + alpha * channel_window_sum(jnp.square(a), depth_radius)
+    return (a * denominator ** (-beta)).astype(x.dtype)
 
 
-_lrn.defvjp(_lrn_forward, _lrn_backward)
-
-
-def _max3_stride2(x: jax.Array, axis: int) -> jax.Array:
-    """Max over windows of 3 with stride 2 along one axis."""
-    window, strides = [1] * x.ndim, [1] * x.ndim
-    window[axis], strides[axis] = 3, 2
-    return jax.lax.reduce_window(
-        x, jnp.array(-jnp.inf, x.dtype), jax.lax.max, window, strides, "VALID"
-    )
-
-
-def _max_pool_forward_only(x: jax.Array) -> jax.Array:
-    """Max over 3 strided row slices, then over 3 strided column slices.
-
-    The same maxima as ``reduce_window``, which XLA:CPU runs ~2-5x slower
-    when only the forward is needed (eval). Under differentiation reduce_window
-    is used instead: XLA fuses the slices with their producer (LRN) and
-    recomputes it, which made the train step slower.
-    """
-    for axis in (x.ndim - 3, x.ndim - 2):
-        out = (x.shape[axis] - 3) // 2 + 1
-        slices = [jax.lax.slice_in_dim(x, i, i + 2 * (out - 1) + 1, 2, axis) for i in range(3)]
-        x = jnp.maximum(jnp.maximum(slices[0], slices[1]), slices[2])
-    return x
-
-
-@jax.custom_vjp
 def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
     """Overlapping pooling (Sec. 3.4): window 3, stride 2, no padding, over axes -3 and -2.
 
-    Any leading axes (batch, tower) are kept. The gradient is hand-written
-    (``_max_pool_backward``); XLA:CPU's select-and-scatter is ~3x slower.
+    Any leading axes (batch, tower) are kept.
     """
-    return _max_pool_forward_only(x)
+    window = (1,) * (x.ndim - 3) + (3, 3, 1)
+    strides = (1,) * (x.ndim - 3) + (2, 2, 1)
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, window, strides, "VALID")
 
 
-def _max_pool_forward(x):
-    # Columns first, then rows; the column maxima are kept for the backward pass.
-    row_maxima = _max3_stride2(x, x.ndim - 2)  # ... x H x W' x C
-    y = _max3_stride2(row_maxima, x.ndim - 3)
-    return y, (x, row_maxima, y)
+def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int, padding: int) -> jax.Array:
+    """B x H x W x Cin (*) kh x kw x Cin x Cout, zero padding on every side."""
+    return jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        window_strides=(stride, stride),
+        padding=((padding, padding),) * 2,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
 
 
-def _route_to_first_max(x: jax.Array, y: jax.Array, g: jax.Array, axis: int) -> jax.Array:
-    """Gradient of a 1-d max over windows of 3, stride 2: g goes to each window's first maximum.
+def convolve_towers(
+    x: jax.Array,
+    kernel_T: jax.Array,
+    bias_T: jax.Array,
+    *,
+    stride: int,
+    padding: int,
+    shared_input: bool,
+) -> jax.Array:
+    """Tower t convolves ``x`` (``shared_input``) or its own ``x[t]`` with ``kernel_T[t]``.
 
-    Three masked strided scatters that XLA fuses into one pass over ``x``.
+    Returns T x B x H' x W' x Cout, T = the number of towers in ``kernel_T``.
     """
-    out, size = y.shape[axis], x.shape[axis]
-    taken = jnp.zeros(y.shape, bool)
-    dx = jnp.zeros(x.shape, g.dtype)
-    zero = jnp.zeros((), g.dtype)
-    for i in range(3):
-        end = i + 2 * (out - 1) + 1
-        hit = (jax.lax.slice_in_dim(x, i, end, 2, axis) == y) & ~taken
-        taken = taken | hit
-        pad = [(0, 0, 0)] * x.ndim
-        pad[axis] = (i, size - end, 1)
-        dx = dx + jax.lax.pad(jnp.where(hit, g, zero), zero, pad)
-    return dx
+    outputs = []
+    for t in range(kernel_T.shape[0]):
+        inputs = x if shared_input else x[t]
+        outputs.append(conv2d(inputs, kernel_T[t], stride=stride, padding=padding) + bias_T[t])
+    return jnp.stack(outputs)
 
 
-def _max_pool_backward(residuals, g):
-    """Routes each output's gradient to the first maximum of its 3x3 window.
+def whole_batch(
+    conv_layers: Callable[[jax.Array], jax.Array], images: jax.Array, data_shards: int
+) -> jax.Array:
+    """Runs the conv layers on the whole batch at once."""
+    del data_shards
+    return conv_layers(images)
 
-    The same rule as autodiff's select-and-scatter (row-major window order,
-    first maximum wins ties): the first maximum is in the window's first row
-    whose maximum is the window's, at that row's first maximum. So the
-    gradient goes through the 3 rows, then within the row through its 3
-    columns: two passes of 3 masked scatters, ~3x faster than the 9 masked
-    scatters of the 2-d window (train step ~1.1x).
+
+@dataclasses.dataclass(frozen=True)
+class Kernels:
+    """How the model computes its operations: same values, backend-specific speed.
+
+    The defaults are the plain forms above under autodiff. ``alexnet_jax/tuning.py``
+    chooses faster schedules of the same values per backend.
     """
-    x, row_maxima, y = residuals
-    g_rows = _route_to_first_max(row_maxima, y, g, x.ndim - 3)
-    return (_route_to_first_max(x, row_maxima, g_rows, x.ndim - 2),)
 
-
-max_pool_3x3_s2.defvjp(_max_pool_forward, _max_pool_backward)
+    lrn: Callable[[jax.Array], jax.Array] = local_response_norm
+    max_pool: Callable[[jax.Array], jax.Array] = max_pool_3x3_s2
+    convolve_towers: Callable[..., jax.Array] = convolve_towers
+    # (conv_layers, images B x H x W x C, data shards) -> B x D.
+    conv_layers: Callable[[Callable[[jax.Array], jax.Array], jax.Array, int], jax.Array] = (
+        whole_batch
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,46 +189,24 @@ class TowerConv(nn.Module):
     init: LayerInit
     dtype: Any = jnp.float32
     mesh: Mesh | None = None
-    side_by_side_min_features: int = 0  # See AlexNet.
+    kernels: Kernels = Kernels()
 
     @nn.compact
     def __call__(self, x: jax.Array, *, shared_input: bool) -> jax.Array:
-        in_features = x.shape[-1]
         k = self.kernel_size
         kernel = self.param(
-            "kernel", self.init.kernel, (NUM_TOWERS, k, k, in_features, self.features)
+            "kernel", self.init.kernel, (NUM_TOWERS, k, k, x.shape[-1], self.features)
         )
         bias = self.param(
             "bias", nn.initializers.constant(self.init.bias_value), (NUM_TOWERS, self.features)
         )
         kernel, bias, x = (a.astype(self.dtype) for a in (kernel, bias, x))
-        pad = ((self.padding, self.padding),) * 2
-
-        def convolve(x, kernel, bias):  # The towers on this device: kernel[t] for t < T_local.
-            towers, features = kernel.shape[0], kernel.shape[-1]
-            if shared_input and towers * features >= self.side_by_side_min_features:
-                # Every tower reads all of x: one convolution with the towers' kernels side
-                # by side (same sums per output channel), ~5% faster per train step on CPU.
-                side_by_side = jnp.moveaxis(kernel, 0, -2).reshape(*kernel.shape[1:-1], -1)
-                y = jax.lax.conv_general_dilated(
-                    x, side_by_side, window_strides=(self.stride, self.stride), padding=pad,
-                    dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                )  # fmt: skip
-                y = jnp.moveaxis(y.reshape(*y.shape[:-1], towers, features), -2, 0)
-                return y + bias[:, None, None, None, :]
-            outputs = []
-            for t in range(kernel.shape[0]):
-                inputs = x if shared_input else x[t]
-                y = jax.lax.conv_general_dilated(
-                    inputs,
-                    kernel[t],
-                    window_strides=(self.stride, self.stride),
-                    padding=pad,
-                    dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                )
-                outputs.append(y + bias[t])
-            return jnp.stack(outputs)
-
+        convolve = functools.partial(
+            self.kernels.convolve_towers,
+            stride=self.stride,
+            padding=self.padding,
+            shared_input=shared_input,
+        )
         return sharding.tower_map(convolve, self.mesh, shared_input=shared_input)(x, kernel, bias)
 
 
@@ -301,9 +231,7 @@ class TowerDense(nn.Module):
         )
         kernel, bias, x = (a.astype(self.dtype) for a in (kernel, bias, x))
 
-        def dense(x, kernel, bias):
-            # One plain matmul per tower: XLA:CPU runs the batched einsum
-            # "bd,tdf->tbf" (and its gradient) ~1.6x slower.
+        def dense(x, kernel, bias):  # One matmul per tower's neurons.
             per_tower = [x @ kernel[t] for t in range(kernel.shape[0])]
             return jnp.stack(per_tower) + bias[:, None, :]
 
@@ -326,12 +254,9 @@ class AlexNet(nn.Module):
     Returns logits ``B x num_classes``; with ``with_features=True`` returns
     ``(logits, fc7)`` where fc7 (B x 4096 at width 1) is the post-ReLU
     activation the paper's Fig. 4 compares. ``mesh`` (a ('data', 'tower')
-    mesh) places each tower on its own devices; parameters do not depend on it.
-    ``conv_chunk_size`` > 0 runs conv1-pool5 as separate, smaller computations
-    on chunks of about that many examples per data shard (``conv_batch_chunks``);
-    it changes the schedule, not the result. Where towers share their input
-    (conv1, conv3) they run as one convolution with the towers' kernels side by
-    side once it has ``side_by_side_min_features`` outputs (same sums).
+    mesh) places each tower on its own devices; ``kernels`` chooses how the
+    operations are computed (``alexnet_jax/tuning.py``). Neither changes the
+    parameters or the values computed.
     """
 
     num_classes: int = 1000
@@ -339,10 +264,9 @@ class AlexNet(nn.Module):
     dropout_rate: float = 0.5
     init_scheme: str = "paper"
     use_lrn: bool = True
-    conv_chunk_size: int = 0
-    side_by_side_min_features: int = 0
     dtype: Any = jnp.float32
     mesh: Mesh | None = None
+    kernels: Kernels = Kernels()
 
     @nn.compact
     def __call__(
@@ -351,47 +275,36 @@ class AlexNet(nn.Module):
         inits = layer_inits(self.init_scheme)
         w = self.width
         conv = lambda name, c, k, s, p: TowerConv(  # noqa: E731
-            scaled(c, w), k, s, p, inits[name], self.dtype, self.mesh,
-            self.side_by_side_min_features, name=name,
-        )  # fmt: skip
+            scaled(c, w), k, s, p, inits[name], self.dtype, self.mesh, self.kernels, name=name
+        )
         dense = lambda name: TowerDense(  # noqa: E731
             scaled(2048, w), inits[name], self.dtype, self.mesh, name=name
         )
         # The towers' only exchange: every tower device gets all towers' maps.
         merge = lambda x_T: merge_towers(sharding.all_towers(x_T, self.mesh))  # noqa: E731
-        lrn = local_response_norm if self.use_lrn else (lambda x: x)
+        lrn = self.kernels.lrn if self.use_lrn else (lambda x: x)
+        # Pools T x B x H x W x C directly: folding T into B would merge a replicated axis
+        # with a data-sharded one, which forces an all-gather of the batch.
+        pool = self.kernels.max_pool
 
-        # Defined once, so every chunk below calls the same layers (the same parameters).
+        # Defined once, so that every call of conv_layers uses the same parameters.
         conv1, conv2 = conv("conv1", 48, 11, 4, 2), conv("conv2", 128, 5, 1, 2)
         conv3, conv4 = conv("conv3", 192, 3, 1, 1), conv("conv4", 192, 3, 1, 1)
         conv5 = conv("conv5", 128, 3, 1, 1)
 
-        def conv_stack(x):
+        def conv_layers(x):
             x = nn.relu(conv1(x, shared_input=True))  # T,B,55,55,48
-            x = _pool_towers(lrn(x))  # T,B,27,27,48
+            x = pool(lrn(x))  # T,B,27,27,48
             x = nn.relu(conv2(x, shared_input=False))  # T,B,27,27,128
-            x = _pool_towers(lrn(x))  # T,B,13,13,128
+            x = pool(lrn(x))  # T,B,13,13,128
             x = nn.relu(conv3(merge(x), shared_input=True))
             x = nn.relu(conv4(x, shared_input=False))
             x = nn.relu(conv5(x, shared_input=False))
-            x = _pool_towers(x)  # T,B,6,6,128
+            x = pool(x)  # T,B,6,6,128
             return merge(x).reshape(x.shape[1], -1)  # B, 6*6*256
 
-        # The conv layers run on chunks of the batch (each data shard's examples split
-        # evenly): the same sums per example, and on CPU ~1.6x faster per image than
-        # whole-batch convs (a chunk's maps stay in cache).
-        x = images_BxHxWxC.astype(self.dtype)
-        batch = x.shape[0]
         data_shards = 1 if self.mesh is None else self.mesh.shape[sharding.DATA_AXIS]
-        chunks = conv_batch_chunks(batch // data_shards, self.conv_chunk_size)
-        if chunks == 1:
-            x = conv_stack(x)
-        else:
-            # Example b = i * chunks + j goes to chunk j: every chunk takes an equal share
-            # of each data shard (the leading i axis), so no example changes device.
-            x = x.reshape(batch // chunks, chunks, *x.shape[1:])
-            x = jnp.stack([conv_stack(x[:, j]) for j in range(chunks)], axis=1)
-            x = x.reshape(batch, -1)
+        x = self.kernels.conv_layers(conv_layers, images_BxHxWxC.astype(self.dtype), data_shards)
 
         dropout = nn.Dropout(self.dropout_rate, deterministic=not train)
         x = dropout(nn.relu(dense("fc6")(x)))
@@ -409,27 +322,6 @@ class AlexNet(nn.Module):
         if with_features:
             return logits, fc7.astype(jnp.float32)
         return logits
-
-
-def conv_batch_chunks(local_batch: int, chunk_size: int) -> int:
-    """How many chunks a data shard's ``local_batch`` examples are split into.
-
-    The most chunks that divide the batch evenly with at least ``chunk_size``
-    examples each; 1 (the whole batch) when ``chunk_size`` is 0 or the batch
-    is too small to split.
-    """
-    if chunk_size <= 0 or local_batch < 2 * chunk_size:
-        return 1
-    return max(n for n in range(1, local_batch // chunk_size + 1) if local_batch % n == 0)
-
-
-def _pool_towers(x_T: jax.Array) -> jax.Array:
-    """Overlapping 3x3/2 max-pooling of each tower's maps (T x B x H x W x C).
-
-    Pools the 5-d array directly: folding T into B would merge a replicated
-    axis with a data-sharded one, which forces an all-gather of the batch.
-    """
-    return max_pool_3x3_s2(x_T)
 
 
 def count_params(params: Any) -> int:

@@ -34,7 +34,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from PIL import Image
 
-from alexnet_jax import checkpoint, train, xla_options
+from alexnet_jax import checkpoint, train, tuning
 from alexnet_jax.data import augment, pipeline, writer
 from alexnet_jax.model import AlexNet
 from configs import common
@@ -63,11 +63,6 @@ class TrainedModel:
     def classes(self) -> list[dict[str, str]]:
         """One ``{"id", "name"}`` per output, in output order (wnid and name for ImageNet)."""
         return self.dataset.metadata["classes"]
-
-    @property
-    def compiler_options(self) -> dict[str, str]:
-        """XLA options for the jits that run this model (``xla_options.for_config``)."""
-        return xla_options.for_config(self.config)
 
     @functools.cached_property
     def preprocessing(self) -> pipeline.Preprocessing:
@@ -191,10 +186,10 @@ def read_image(path: str) -> np.ndarray:
         return np.asarray(writer.resize_and_center_crop(image), np.uint8)
 
 
-def make_probabilities_fn(model: AlexNet, compiler_options: dict[str, str] | None = None):
+def make_probabilities_fn(model: AlexNet):
     """Jitted (params, B x V x 224 x 224 x 3 views) -> softmax averaged over the V views."""
 
-    @functools.partial(jax.jit, compiler_options=compiler_options)
+    @jax.jit
     def probabilities(params: Any, views_BxVxHxWxC: jax.Array) -> jax.Array:
         b, v = views_BxVxHxWxC.shape[:2]
         images = views_BxVxHxWxC.reshape(b * v, *views_BxVxHxWxC.shape[2:])
@@ -216,9 +211,7 @@ def predict_probabilities(
 
     Batches are padded to ``batch_size`` so the network compiles once.
     """
-    probabilities_fn = probabilities_fn or make_probabilities_fn(
-        trained.model, trained.compiler_options
-    )
+    probabilities_fn = probabilities_fn or make_probabilities_fn(trained.model)
     outputs = []
     for start in range(0, len(images_Nx256x256x3), batch_size):
         views = np.stack(
@@ -263,7 +256,7 @@ def predict_files(
 
     Files are read one batch at a time, so any number of them fits in memory.
     """
-    probabilities_fn = make_probabilities_fn(trained.model, trained.compiler_options)
+    probabilities_fn = make_probabilities_fn(trained.model)
     results, errors = [], []
     start_time = time.time()
     for start in range(0, len(paths), batch_size):
@@ -351,6 +344,7 @@ def main(argv: Sequence[str]) -> int:
     if _TOP_K.value < 1 or _BATCH_SIZE.value < 1:
         raise app.UsageError("--top_k and --batch_size must be >= 1")
     try:
+        tuning.configure_process()  # Before JAX starts its backends.
         trained = load_trained(
             _WORKDIR.value, config=_CONFIG.value, data_dir=_DATA_DIR.value, step=_STEP.value
         )

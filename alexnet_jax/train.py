@@ -16,7 +16,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from alexnet_jax import checkpoint, config_lib, metrics, optim, sharding, xla_options
+from alexnet_jax import checkpoint, config_lib, metrics, optim, sharding, tuning
 from alexnet_jax.data import demo, pipeline
 from alexnet_jax.model import AlexNet
 
@@ -38,28 +38,10 @@ class TrainState:
     schedule: optim.ScheduleState  # The plateau rule's memory (learning-rate scale, best error).
 
 
-# conv1-pool5 on chunks of this many examples per data shard when the config says
-# auto (-1) on CPU: measured on 2 cores, paper net, batch 128, f32 train step, one
-# process: chunks of 8 and 16 images 82.4 and 81.9 img/s, whole batch 75.7 (Eigen
-# convolutions); with YNNPACK's: 58.6 and 56.3 vs 37.1 (before the max-pool rewrite).
-CPU_CONV_CHUNK_SIZE = 8
-
-
-def conv_chunk_size(configured: int) -> int:
-    """``model.conv_chunk_size`` with auto (-1) resolved for the default backend.
-
-    Accelerators want whole-batch convolutions; XLA:CPU's are faster on small
-    chunks whose activations stay in cache.
-    """
-    if configured != -1:
-        return configured
-    return CPU_CONV_CHUNK_SIZE if jax.default_backend() == "cpu" else 0
-
-
 def build_model(
     config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None
 ) -> AlexNet:
-    """The config's AlexNet; with ``mesh``, each tower computes on its own devices."""
+    """The config's AlexNet with this backend's kernels; with ``mesh``, towers on their devices."""
     m = config.model
     return AlexNet(
         num_classes=m.num_classes,
@@ -67,10 +49,9 @@ def build_model(
         dropout_rate=m.dropout_rate,
         init_scheme=m.init_scheme,
         use_lrn=m.use_lrn,
-        conv_chunk_size=conv_chunk_size(m.conv_chunk_size),
-        side_by_side_min_features=xla_options.side_by_side_min_features(config),
         dtype=jnp.dtype(m.compute_dtype),
         mesh=mesh,
+        kernels=tuning.kernels(conv_chunk_size=m.conv_chunk_size),
     )
 
 
@@ -127,10 +108,7 @@ def jit_train_step(
     learning_rate_fn: optax.Schedule,
     **jit_kwargs: Any,
 ) -> Any:
-    """``train_step`` jit-compiled with the state donated.
-
-    ``jit_kwargs`` add shardings and ``compiler_options`` (``xla_options.for_config``).
-    """
+    """``train_step`` jit-compiled with the state donated; ``jit_kwargs`` add shardings."""
     step = functools.partial(
         train_step, model=model, optimizer=optimizer, learning_rate_fn=learning_rate_fn
     )
@@ -192,14 +170,28 @@ def evaluate(
 
 def load_dataset(config: ml_collections.ConfigDict) -> pipeline.Dataset:
     """The config's dataset, generated first for the demo; fails clearly when absent."""
-    if config.data.source == "demo":
-        demo.ensure(
-            config.data.dir,
-            train_per_class=config.data.demo_train_per_class,
-            val_per_class=config.data.demo_val_per_class,
-            seed=0,
-        )
     data_dir = os.path.expanduser(config.data.dir)
+    if config.data.source == "demo":
+        try:
+            demo.ensure(
+                data_dir,
+                train_per_class=config.data.demo_train_per_class,
+                val_per_class=config.data.demo_val_per_class,
+                seed=0,
+            )
+        except demo.ForeignDirectoryError as e:
+            raise config_lib.ConfigError(
+                f"config.data.source = 'demo' generates its dataset in config.data.dir, but "
+                f"{e}; nothing there was changed. To train on the dataset in that folder: "
+                f"--config.data.source=prepared. To generate the demo: --config.data.dir=<a new "
+                "or empty folder> (a demo folder from an older alexnet_jax has no marker: delete "
+                "it yourself to regenerate it)."
+            ) from None
+        except OSError as e:
+            raise config_lib.ConfigError(
+                f"config.data.dir = {data_dir!r}: cannot write the demo dataset there ({e}). "
+                "Choose a writable folder: --config.data.dir=<folder>."
+            ) from None
     how_to_prepare = PREPARE_COMMAND.format(data_dir=data_dir)
     if config.data.source == "tfds":
         dataset = pipeline.open_tfds(
@@ -296,20 +288,17 @@ def _train_and_evaluate(
         out_shardings=state_shardings.schedule,
     )
 
-    compiler_options = xla_options.for_config(config)
     train_fn = jit_train_step(
         model,
         optimizer,
         learning_rate_fn,
         in_shardings=(state_shardings, batch_shardings),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
-        compiler_options=compiler_options,
     )
     eval_fn = jax.jit(
         functools.partial(eval_step, model=model),
         in_shardings=(state_shardings.params, batch_shardings),
         out_shardings=sharding.replicated(mesh),
-        compiler_options=compiler_options,
     )
 
     train_iter = pipeline.train_iterator(

@@ -12,7 +12,6 @@ without them it draws ``--num_queries`` validation images.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -28,7 +27,7 @@ import numpy as np
 from absl import app, flags, logging
 from PIL import Image, ImageDraw
 
-from alexnet_jax import checkpoint, predict
+from alexnet_jax import checkpoint, predict, tuning
 from alexnet_jax.data import pipeline, records
 
 COMMANDS = ("filters", "neighbours", "curves")
@@ -145,7 +144,7 @@ class Neighbours:
         return rows
 
 
-def make_features_and_distances_fn(model, compiler_options: dict[str, str] | None = None):
+def make_features_and_distances_fn(model):
     """Jitted (params, images B x 224 x 224 x 3, queries Q x D) -> (fc7 B x D, distances B x Q).
 
     One program serves the queries and the gallery, so an image's fc7 vector
@@ -154,7 +153,7 @@ def make_features_and_distances_fn(model, compiler_options: dict[str, str] | Non
     the distance 0 from itself.
     """
 
-    @functools.partial(jax.jit, compiler_options=compiler_options)
+    @jax.jit
     def features_and_distances(params, images_BxHxWxC, queries_QxD):
         _, fc7_BxD = model.apply(
             {"params": params}, images_BxHxWxC, train=False, with_features=True
@@ -202,7 +201,7 @@ def find_neighbours(
     streamed through the network in batches; only a running top-k per query is
     kept, so any gallery size fits in memory. Progress is logged.
     """
-    fn = make_features_and_distances_fn(trained.model, trained.compiler_options)
+    fn = make_features_and_distances_fn(trained.model)
     views = np.stack([trained.views(im, ten_crop=False)[0] for im in query_images])
     num_queries = len(views)
     dim = jax.eval_shape(
@@ -556,6 +555,7 @@ def main(argv: Sequence[str]) -> int:
     if rest and command != "neighbours":
         raise app.UsageError(f"Unexpected arguments for {command}: {rest}")
     try:
+        tuning.configure_process()  # Before JAX starts its backends.
         if command == "filters":
             path = run_filters()
         elif command == "neighbours":

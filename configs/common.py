@@ -38,17 +38,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.dropout_rate = 0.5  # On fc6 and fc7 outputs during training.
     config.model.use_lrn = True  # Local response normalization after conv1 and conv2.
     config.model.compute_dtype = "float32"  # "float32" or "bfloat16" (GPU/TPU); params stay f32.
-    # Examples per chunk in which conv1-pool5 run on each data shard (same result; on CPU
-    # 8 is ~1.6x faster per image than whole-batch convs); 0 = whole batch; -1 = auto:
-    # 8 on CPU, 0 on GPU/TPU.
+    # Examples per chunk in which conv1-pool5 run on each data shard (same result, another
+    # schedule; alexnet_jax/tuning.py); 0 = whole batch; -1 = the backend's choice (CPU: 8).
     config.model.conv_chunk_size = -1
-
-    # Host malloc: "mimalloc" (launch.py restarts itself with it preloaded, Linux; CPU train
-    # steps ~1.25x faster, see alexnet_jax/allocator.py) or "system".
-    config.host_allocator = "mimalloc"
-    # Library for XLA:CPU's convolutions: "eigen" (XLA's own; paper net's CPU train step ~1.1x
-    # faster, see alexnet_jax/xla_options.py) or "ynnpack" (jaxlib 0.10's default). CPU only.
-    config.cpu_conv_library = "eigen"
 
     config.batch_size = 128  # Global batch, split over the mesh's data axis.
     config.eval_batch_size = 256  # Global batch for validation.

@@ -11,6 +11,11 @@ if ROOT not in sys.path:
 
 SHARED_SAMPLES = os.path.join(ROOT, "..", "shared", "imagenet-samples")
 
+# The same process-level XLA settings as every command, before any test starts JAX.
+from alexnet_jax import tuning  # noqa: E402
+
+tuning.configure_process()
+
 
 @pytest.fixture(scope="session")
 def tiny_demo_dir(tmp_path_factory):

@@ -28,7 +28,7 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from alexnet_jax import optim, sharding, train  # noqa: E402
+from alexnet_jax import optim, sharding, train, tuning  # noqa: E402
 from configs import demo  # noqa: E402
 
 BATCH = 4
@@ -192,4 +192,5 @@ def _write(results: dict, out_path: str) -> None:
 
 
 if __name__ == "__main__":
+    tuning.configure_process()  # As every command does, before JAX starts its backends.
     main(sys.argv[1], sys.argv[2])

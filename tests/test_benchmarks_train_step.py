@@ -4,6 +4,7 @@ import re
 
 import pytest
 
+from alexnet_jax import tuning
 from alexnet_jax.benchmarks import train_step
 
 # Multiply-adds of the paper's layers per 224x224 image (conv1..conv5, fc6..fc8), x2 for FLOPs.
@@ -32,7 +33,8 @@ def test_benchmark_prints_its_fields(capsys):
     text = capsys.readouterr().out
     number = r"[0-9.]+"
     for pattern in (
-        r"host allocator: \w+; conv chunk size: [\w ]+; CPU convolutions: eigen",
+        rf"host allocator: \w+; CPU convolutions: {tuning.cpu_conv_library()}; kernels: "
+        r"lrn='lrn_fused_gradient', .*conv_layers=InChunks\(size=8\)",
         rf"matmul peak: {number} GFLOP/s",
         rf"model FLOPs: {number} GFLOP per training image",
         rf"\[jax\] batch 2: {number} images/s, {number} GFLOP/s, {number} of matmul peak, "

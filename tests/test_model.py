@@ -175,52 +175,10 @@ def test_dropout_only_in_training(small_net_and_params):
     assert float(jnp.abs(train_a - train_b).max()) > 0.0
 
 
-def test_conv_batch_chunks_divide_the_batch_evenly():
-    assert model.conv_batch_chunks(128, 8) == 16
-    assert model.conv_batch_chunks(100, 8) == 10  # 10 chunks of 10: the most with >= 8 each.
-    assert model.conv_batch_chunks(7, 2) == 1  # A prime batch cannot be split evenly.
-    assert model.conv_batch_chunks(12, 8) == 1  # Too small for two chunks of 8.
-    assert model.conv_batch_chunks(128, 0) == 1  # 0 = whole batch.
-
-
-@pytest.mark.parametrize(
-    "schedule",
-    [{"conv_chunk_size": 1}, {"side_by_side_min_features": 10**6}],
-    ids=["conv_chunks_of_one_image", "one_conv_per_tower"],
-)
-def test_schedule_options_change_the_schedule_not_the_result(schedule):
-    # The default runs shared-input towers side by side; batch 6 -> 6 chunks of one image.
-    whole = AlexNet(num_classes=10, width=1 / 16, init_scheme="he")
-    chunked = whole.clone(**schedule)
-    images = jax.random.normal(jax.random.PRNGKey(1), (6, 224, 224, 3))
-    labels = jnp.arange(6) % 10
-    params = whole.init({"params": jax.random.PRNGKey(0)}, images, train=False)["params"]
-
-    def loss(params, net):
-        logits = net.apply(
-            {"params": params}, images, train=True, rngs={"dropout": jax.random.PRNGKey(2)}
-        )
-        return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(6), labels]), logits
-
-    (loss_w, logits_w), grads_w = jax.value_and_grad(loss, has_aux=True)(params, whole)
-    (loss_c, logits_c), grads_c = jax.value_and_grad(loss, has_aux=True)(params, chunked)
-    # The same logits, loss and (summed) gradients, in the examples' order.
-    np.testing.assert_allclose(logits_c, logits_w, rtol=1e-5, atol=1e-5)
-    assert float(loss_c) == pytest.approx(float(loss_w), rel=1e-6)
-    for path, g_w in jax.tree_util.tree_leaves_with_path(grads_w):
-        g_c = functools.reduce(lambda t, k: t[k.key], path, grads_c)
-        scale = float(jnp.abs(g_w).max())
-        assert scale > 0, jax.tree_util.keystr(path)
-        np.testing.assert_allclose(g_c, g_w, atol=1e-5 * scale, err_msg=jax.tree_util.keystr(path))
-
-
-def test_conv_chunk_size_auto_and_bad_values():
-    from alexnet_jax import config_lib, train
+def test_conv_chunk_size_bad_values_name_the_field():
+    from alexnet_jax import config_lib
     from configs import common
 
-    assert jax.default_backend() == "cpu"
-    assert train.conv_chunk_size(-1) == train.CPU_CONV_CHUNK_SIZE == 8
-    assert train.conv_chunk_size(0) == 0 and train.conv_chunk_size(16) == 16
     config = common.base_config()
     config.model.conv_chunk_size = -2
     with pytest.raises(config_lib.ConfigError, match=r"config.model.conv_chunk_size = -2 .*-1"):

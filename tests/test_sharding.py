@@ -28,7 +28,9 @@ WORKER = os.path.join(ROOT, "tests", "sharding_worker.py")
 
 def _subprocess_env(num_devices: int) -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+    # Keeps the XLA flags this process runs with (tuning.configure_process), adds devices.
+    devices = f"--xla_force_host_platform_device_count={num_devices}"
+    env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {devices}".strip()
     return env
 
 

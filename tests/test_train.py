@@ -14,8 +14,12 @@ from tests.conftest import ROOT, tiny_config, tiny_launch_flags
 
 
 def test_train_step_lowers_the_loss_on_a_fixed_batch(tiny_demo_dir):
+    # A fixed batch, no dropout, and a learning rate low enough that the fit is smooth (at the
+    # demo's 0.01 the first steps are chaotic: float rounding on another CPU changes where they
+    # go). Asserted: the loss falls steadily, averaged over the last steps, and never blows up.
     config = tiny_config(tiny_demo_dir)
     config.model.dropout_rate = 0.0
+    config.learning_rate = 0.003
     net = train.build_model(config)
     optimizer = optim.make_optimizer(config)
     state = train.init_state(net, optimizer, seed=0)
@@ -31,7 +35,9 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch(tiny_demo_dir):
         state, metrics = step(state, batch)
         losses.append(float(metrics["loss"]))
     assert int(state.step) == 12
-    assert losses[-1] < 0.5 * losses[0], losses
+    assert np.isclose(losses[0], np.log(10), rtol=0.2), losses  # Starts near chance.
+    assert np.mean(losses[-3:]) < 0.6 * losses[0], losses
+    assert max(losses) < 1.2 * losses[0], losses
     assert float(metrics["learning_rate"]) == pytest.approx(config.learning_rate)
 
 

@@ -32,7 +32,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from alexnet_jax import allocator
+from alexnet_jax import allocator, tuning
 from alexnet_jax.data import augment, pipeline, prepare, writer
 
 DEFAULT_SAMPLES = os.path.join(
@@ -126,7 +126,7 @@ def train_step_rate(width: float, batch_size: int, steps: int) -> float:
     import jax
     import jax.numpy as jnp
 
-    from alexnet_jax import optim, train, xla_options
+    from alexnet_jax import optim, train
     from configs import imagenet
 
     config = imagenet.get_config()
@@ -134,12 +134,7 @@ def train_step_rate(width: float, batch_size: int, steps: int) -> float:
     config.batch_size = batch_size
     model = train.build_model(config)
     optimizer = optim.make_optimizer(config)
-    step_fn = train.jit_train_step(
-        model,
-        optimizer,
-        optim.learning_rate_schedule(config),
-        compiler_options=xla_options.for_config(config),
-    )
+    step_fn = train.jit_train_step(model, optimizer, optim.learning_rate_schedule(config))
     state = jax.jit(functools.partial(train.init_state, model, optimizer, 0))()
     rng = np.random.default_rng(0)
     batch = {
@@ -257,17 +252,12 @@ def define_flags() -> None:
     flags.DEFINE_float("train_width", 1.0, "Model width for the train step (1.0 = the paper's).")
     flags.DEFINE_integer("train_steps", 3, "Timed train steps after compilation.")
     flags.DEFINE_enum("dtype", "float32", list(pipeline.DTYPES), "Pipeline batch dtype.")
-    flags.DEFINE_enum(
-        "host_allocator",
-        "mimalloc",
-        list(allocator.ALLOCATORS),
-        "config.host_allocator for this run.",
-    )
 
 
 def main(argv) -> None:
     del argv
-    allocator.use(FLAGS.host_allocator)  # As launch.py does; may restart this command once.
+    tuning.configure_process()  # As launch.py does, before JAX starts its backends.
+    allocator.use(tuning.host_allocator())  # May restart this command once.
     run(
         samples_dir=FLAGS.samples_dir or None,
         synthetic_images=FLAGS.synthetic_images,

@@ -23,6 +23,7 @@ calls after a warm-up call, and A/B comparisons belong in one run.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import math
 import resource
@@ -34,7 +35,7 @@ from typing import Any
 
 from absl import app, flags
 
-from alexnet_jax import allocator, xla_options
+from alexnet_jax import allocator, tuning
 
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["128", "64"], "Train batch sizes to time.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed calls per measurement (the median is reported).")
@@ -48,14 +49,12 @@ _MATMUL_SIZE = flags.DEFINE_integer("matmul_size", 2048, "Side of the square f32
 _CONV_CHUNK_SIZE = flags.DEFINE_integer(
     "conv_chunk_size", -1, "config.model.conv_chunk_size (-1 auto: 8 on CPU; 0 whole batch)."
 )
-_HOST_ALLOCATOR = flags.DEFINE_enum(
-    "host_allocator", "mimalloc", list(allocator.ALLOCATORS), "config.host_allocator for this run."
-)
-_CPU_CONV_LIBRARY = flags.DEFINE_enum(
-    "cpu_conv_library",
-    "eigen",
-    list(xla_options.CPU_CONV_LIBRARIES),
-    "config.cpu_conv_library for this run.",
+_KERNELS = flags.DEFINE_enum(
+    "kernels",
+    "auto",
+    list(tuning.KERNEL_CHOICES),
+    "How the model computes its operations: the backend's choice, model.py's plain forms, "
+    "or the CPU schedules (alexnet_jax/tuning.py).",
 )
 
 IMAGE_SIZE = 224
@@ -99,7 +98,6 @@ def _config(
     use_lrn: bool,
     batch_size: int,
     conv_chunk_size: int = -1,
-    cpu_conv_library: str = "eigen",
 ):
     from configs import common
 
@@ -108,9 +106,17 @@ def _config(
     config.model.num_classes = num_classes
     config.model.use_lrn = use_lrn
     config.model.conv_chunk_size = conv_chunk_size
-    config.cpu_conv_library = cpu_conv_library
     config.batch_size = batch_size
     return config
+
+
+def build_model(config, kernels: str = "auto"):
+    """``train.build_model(config)`` with the ``kernels`` choice (``tuning.kernels``)."""
+    from alexnet_jax import train
+
+    return train.build_model(config).clone(
+        kernels=tuning.kernels(conv_chunk_size=config.model.conv_chunk_size, choice=kernels)
+    )
 
 
 def _random_batch(batch_size: int, num_classes: int, seed: int = 0) -> dict[str, Any]:
@@ -123,7 +129,7 @@ def _random_batch(batch_size: int, num_classes: int, seed: int = 0) -> dict[str,
     }
 
 
-def jax_train_step(config) -> tuple[Callable[[], None], dict[str, float]]:
+def jax_train_step(config, kernels: str = "auto") -> tuple[Callable[[], None], dict[str, float]]:
     """The project's train step, jitted as in ``train.train_and_evaluate``.
 
     Returns a function that runs one step to completion, and the compile time
@@ -133,14 +139,9 @@ def jax_train_step(config) -> tuple[Callable[[], None], dict[str, float]]:
 
     from alexnet_jax import optim, train
 
-    model = train.build_model(config)
+    model = build_model(config, kernels)
     optimizer = optim.make_optimizer(config)
-    step_fn = train.jit_train_step(
-        model,
-        optimizer,
-        optim.learning_rate_schedule(config),
-        compiler_options=xla_options.for_config(config),
-    )
+    step_fn = train.jit_train_step(model, optimizer, optim.learning_rate_schedule(config))
     state = jax.jit(functools.partial(train.init_state, model, optimizer, config.seed))()
     batch = jax.device_put(_random_batch(config.batch_size, config.model.num_classes))
 
@@ -229,17 +230,16 @@ def forward_flops_per_image(config) -> float:
     return 2.0 * macs
 
 
-def time_eval(config, batch_size: int, steps: int) -> dict[str, float]:
+def time_eval(config, batch_size: int, steps: int, kernels: str = "auto") -> dict[str, float]:
     """Images/s of the eval forward: centre crop, and 10 crops with softmax averaging."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from alexnet_jax import train
     from alexnet_jax.data import augment
 
-    model = train.build_model(config)
-    jit = functools.partial(jax.jit, compiler_options=xla_options.for_config(config))
+    model = build_model(config, kernels)
+    jit = jax.jit
     params = jax.jit(
         lambda: model.init(
             jax.random.PRNGKey(0), jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3)), train=False
@@ -278,22 +278,21 @@ def time_eval(config, batch_size: int, steps: int) -> dict[str, float]:
     return results
 
 
-def layer_table(config, batch_size: int, steps: int) -> list[tuple[str, str, float, float]]:
+def layer_table(
+    config, batch_size: int, steps: int, kernels: str = "auto"
+) -> list[tuple[str, str, float, float]]:
     """(layer, output shape, forward ms, forward+backward ms) of each layer of the net.
 
     Layers with parameters are found by intercepting the model's own submodule
     calls, so the table follows ``model.py``; LRN and pooling are timed with the
-    model's own functions on the shapes where the network applies them.
+    model's own kernels on the shapes where the network applies them.
     """
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
 
-    from alexnet_jax import model as model_lib
-    from alexnet_jax import train
-
-    model = train.build_model(config)
-    jit = functools.partial(jax.jit, compiler_options=xla_options.for_config(config))
+    model = build_model(config, kernels)
+    jit = jax.jit
     images = jnp.asarray(_random_batch(batch_size, 2)["images"])
     variables = jax.jit(lambda x: model.init(jax.random.PRNGKey(0), x, train=False))(images[:1])
     calls: list[tuple[str, nn.Module, tuple, dict, Any]] = []
@@ -359,8 +358,8 @@ def layer_table(config, batch_size: int, steps: int) -> list[tuple[str, str, flo
 
             def norm_pool(x, use_lrn=use_lrn):
                 if use_lrn:
-                    x = jax.tree.map(model_lib.local_response_norm, x)
-                return jax.tree.map(model_lib.max_pool_3x3_s2, x)
+                    x = jax.tree.map(model.kernels.lrn, x)
+                return jax.tree.map(model.kernels.max_pool, x)
 
             label = after[name] if use_lrn else "pool" + name[-1]
             time_row(label, norm_pool, (x,), (), jax.eval_shape(norm_pool, x), repeat)
@@ -453,7 +452,7 @@ def run(
     skip_eval: bool = False,
     matmul_size: int = 2048,
     conv_chunk_size: int = -1,
-    cpu_conv_library: str = "eigen",
+    kernels: str = "auto",
 ) -> dict[str, Any]:
     """Runs every measurement, prints the report, and returns the numbers."""
     import jax
@@ -464,14 +463,14 @@ def run(
     out: dict[str, Any] = {"batches": {}}
     print(f"jax {jax.__version__} on {jax.devices()} ({_cpu_count()} CPU cores)")
     out["host_allocator"] = allocator.active()
-    out["conv_chunk_size"] = train.conv_chunk_size(conv_chunk_size)
-    out["cpu_conv_library"] = cpu_conv_library if jax.default_backend() == "cpu" else "n/a"
-    print(f"host allocator: {out['host_allocator']}; conv chunk size: "
-          f"{out['conv_chunk_size'] or 'whole batch'}; "
-          f"CPU convolutions: {out['cpu_conv_library']}")  # fmt: skip
-    base = _config(width, num_classes, use_lrn, batch_sizes[0], conv_chunk_size, cpu_conv_library)
+    out["cpu_conv_library"] = tuning.cpu_conv_library() if jax.default_backend() == "cpu" else "n/a"
+    base = _config(width, num_classes, use_lrn, batch_sizes[0], conv_chunk_size)
+    base_model = build_model(base, kernels)
+    out["kernels"] = _describe_kernels(base_model.kernels)
+    print(f"host allocator: {out['host_allocator']}; CPU convolutions: "
+          f"{out['cpu_conv_library']}; kernels: {out['kernels']}")  # fmt: skip
     params = jax.eval_shape(
-        functools.partial(train.init_state, train.build_model(base), _optimizer(base), base.seed)
+        functools.partial(train.init_state, base_model, _optimizer(base), base.seed)
     ).params
     out["params"] = model_lib.count_params(params)
     print(f"network: width {width}, {num_classes} classes, LRN {use_lrn}, "
@@ -491,8 +490,8 @@ def run(
         except ImportError:
             torch_error = "torch is not installed (pip install -r requirements-bench.txt)"
     for batch_size in batch_sizes:
-        config = _config(width, num_classes, use_lrn, batch_size, conv_chunk_size, cpu_conv_library)
-        jax_step, jax_info = jax_train_step(config)
+        config = _config(width, num_classes, use_lrn, batch_size, conv_chunk_size)
+        jax_step, jax_info = jax_train_step(config, kernels)
         steps_by_name = {"jax": jax_step}
         if not (skip_torch or torch_error):
             torch_step, torch_info = torch_train_step(config)
@@ -534,12 +533,12 @@ def run(
 
     eval_batch = batch_sizes[0]
     if not skip_eval:
-        out["eval"] = time_eval(base, eval_batch, steps)
+        out["eval"] = time_eval(base, eval_batch, steps, kernels)
         print(f"[eval] centre crop: {out['eval']['centre']:.1f} images/s (batch {eval_batch}); "
               f"10 crops: {out['eval']['ten_crop']:.1f} images/s "
               f"({max(1, eval_batch // 10)} images x 10 crops per call)")  # fmt: skip
     if not skip_layers:
-        rows = layer_table(base, batch_sizes[-1], steps)
+        rows = layer_table(base, batch_sizes[-1], steps, kernels)
         out["layers"] = rows
         print(f"per-layer times, batch {batch_sizes[-1]} (median ms):")
         print(f"  {'layer':<16}{'output':<30}{'fwd ms':>9}{'fwd+bwd ms':>12}")
@@ -563,6 +562,15 @@ def run(
     return out
 
 
+def _describe_kernels(kernels) -> str:
+    """One line naming each of ``kernels``' choices (function or schedule names)."""
+    parts = []
+    for field in dataclasses.fields(kernels):
+        value = getattr(kernels, field.name)
+        parts.append(f"{field.name}={getattr(value, '__name__', None) or value!r}")
+    return ", ".join(parts)
+
+
 def _optimizer(config):
     from alexnet_jax import optim
 
@@ -578,7 +586,8 @@ def _cpu_count() -> int:
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    allocator.use(_HOST_ALLOCATOR.value)  # May restart this command once.
+    tuning.configure_process()  # As launch.py does, before JAX starts its backends.
+    allocator.use(tuning.host_allocator())  # May restart this command once.
     run(
         [int(b) for b in _BATCH_SIZES.value],
         steps=_STEPS.value,
@@ -590,7 +599,7 @@ def main(argv: Sequence[str]) -> None:
         skip_eval=_SKIP_EVAL.value,
         matmul_size=_MATMUL_SIZE.value,
         conv_chunk_size=_CONV_CHUNK_SIZE.value,
-        cpu_conv_library=_CPU_CONV_LIBRARY.value,
+        kernels=_KERNELS.value,
     )
     sys.stdout.flush()
 
