@@ -10,8 +10,8 @@ ArrayRecord format, so the demo exercises the real input pipeline.
 from __future__ import annotations
 
 import io
+import json
 import os
-import shutil
 import time
 
 import numpy as np
@@ -34,6 +34,55 @@ CLASSES = (
 )
 DEMO_VERSION = 1
 SPLIT_SEEDS = {"train": 0, "val": 1}
+# Written into every folder the demo generates: the files it wrote there. Only a folder with
+# this marker is ever regenerated, and only the files it lists are removed.
+MARKER_FILE = "alexnet_jax_demo.json"
+
+
+class ForeignDirectoryError(FileExistsError):
+    """The folder holds files the demo did not create: it is never written to or deleted."""
+
+    def __init__(self, data_dir: str, entries: list[str]):
+        self.data_dir, self.entries = data_dir, entries
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        super().__init__(
+            f"{data_dir} holds files the demo did not create ({shown}) and no {MARKER_FILE}"
+        )
+
+
+def _marker_path(data_dir: str) -> str:
+    return os.path.join(data_dir, MARKER_FILE)
+
+
+def _claim(data_dir: str) -> set[str]:
+    """Makes ``data_dir`` the demo's own, removing only what an earlier demo wrote there.
+
+    Returns the entries left in it (the marker aside). Raises ForeignDirectoryError,
+    touching nothing, when the folder is not empty and carries no marker.
+    """
+    os.makedirs(data_dir, exist_ok=True)
+    marker = _marker_path(data_dir)
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            written = json.load(f).get("files", [])
+        for name in written:
+            path = os.path.join(data_dir, name)
+            # Plain file names only: a marker can never point outside its folder.
+            if (
+                name == os.path.basename(name)
+                and name not in ("", ".", "..")
+                and (os.path.isfile(path) or os.path.islink(path))
+            ):
+                os.remove(path)
+    elif os.listdir(data_dir):
+        raise ForeignDirectoryError(data_dir, sorted(os.listdir(data_dir)))
+    _write_marker(data_dir, [])
+    return set(os.listdir(data_dir)) - {MARKER_FILE}
+
+
+def _write_marker(data_dir: str, files: list[str]) -> None:
+    with open(_marker_path(data_dir), "w") as f:
+        json.dump({"generator": "alexnet_jax.data.demo", "files": files}, f, indent=1)
 
 
 def _colour(rng: np.random.Generator) -> tuple[int, int, int]:
@@ -103,9 +152,13 @@ def _source_jpeg(label: int, rng: np.random.Generator) -> bytes:
 def generate(
     data_dir: str, *, train_per_class: int = 300, val_per_class: int = 50, seed: int = 0
 ) -> dict:
-    """Writes the demo dataset to ``data_dir`` (deterministic in ``seed``)."""
+    """Writes the demo dataset to ``data_dir`` (deterministic in ``seed``).
+
+    ``data_dir`` must be new, empty, or an earlier demo's (``MARKER_FILE``);
+    otherwise ForeignDirectoryError is raised and nothing is written.
+    """
     data_dir = os.path.expanduser(data_dir)
-    os.makedirs(data_dir, exist_ok=True)
+    kept = _claim(data_dir)
     start = time.time()
     stats = writer.RgbStatistics()
     splits = {}
@@ -134,6 +187,7 @@ def generate(
         "bad_files": [],
     }
     records.write_metadata(data_dir, metadata)
+    _write_marker(data_dir, sorted(set(os.listdir(data_dir)) - kept - {MARKER_FILE}))
     logging.info(
         "Generated demo dataset in %s (%s) in %.1fs",
         data_dir,
@@ -144,7 +198,10 @@ def generate(
 
 
 def ensure(data_dir: str, *, train_per_class: int, val_per_class: int, seed: int) -> dict:
-    """Returns the demo metadata, generating the dataset first if it is absent or stale."""
+    """Returns the demo metadata, generating the dataset first if it is absent or stale.
+
+    A stale dataset is regenerated only in a folder the demo made (``generate``).
+    """
     data_dir = os.path.expanduser(data_dir)
     metadata = records.read_metadata(data_dir)
     wanted = {
@@ -162,10 +219,10 @@ def ensure(data_dir: str, *, train_per_class: int, val_per_class: int, seed: int
         }
         if found == wanted:
             return metadata
-        logging.info(
-            "Demo dataset in %s is stale (%s != %s): regenerating", data_dir, found, wanted
-        )
-        shutil.rmtree(data_dir)
+        if os.path.isfile(_marker_path(data_dir)):
+            logging.info(
+                "Demo dataset in %s is stale (%s != %s): regenerating", data_dir, found, wanted
+            )
     logging.info("Generating the demo dataset in %s (first use only)...", data_dir)
     return generate(
         data_dir, train_per_class=train_per_class, val_per_class=val_per_class, seed=seed
