@@ -7,6 +7,7 @@ ALEXNET_JAX_HOST_ALLOCATOR=auto|mimalloc|system, ALEXNET_JAX_CPU_CONVS=eigen|ynn
 """
 
 import logging as std_logging
+import os
 import sys
 
 import jax
@@ -44,12 +45,50 @@ def initialize_distributed(config) -> None:
     )
 
 
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing; a bad flag or --config.* override is one message and exit 2."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        _fail(f"{e}\nSee `python launch.py --helpfull`; configs/common.py lists every field.")
+    except (KeyError, AttributeError) as e:  # ml_collections: no such field in the config.
+        while e.args and isinstance(e.args[0], BaseException):
+            e = e.args[0]
+        text = str(e.args[0] if e.args else e).replace("'", "").replace("\n", ". ", 1)
+        text = " ".join(text.split())
+        _fail(
+            f"unknown config field in a --config.* override: {text} "
+            "(configs/common.py lists every field with its default)"
+        )
+    return []
+
+
+def check_workdir(workdir: str) -> str:
+    """The absolute workdir, created if needed; ConfigError-style failure if unusable."""
+    path = os.path.abspath(os.path.expanduser(workdir))
+    if os.path.exists(path) and not os.path.isdir(path):
+        _fail(f"--workdir={path} is a file, not a directory: give a directory for the run.")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        _fail(f"--workdir={path} cannot be created ({e.strerror}): give a writable directory.")
+    if not os.access(path, os.W_OK | os.X_OK):
+        _fail(f"--workdir={path} is not writable by this user: give a writable directory.")
+    return path
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietLibraries())
     try:
         config_lib.validate(_CONFIG.value)
+        workdir = check_workdir(_WORKDIR.value)
         tuning.configure_process()  # Before JAX starts its backends.
         allocator.use(tuning.host_allocator())  # May restart this command once.
         initialize_distributed(_CONFIG.value)
@@ -59,7 +98,7 @@ def main(argv):
             jax.process_count(),
             jax.local_devices(),
         )
-        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        train.train_and_evaluate(_CONFIG.value, workdir)
     except (
         config_lib.ConfigError,
         tuning.SettingError,
@@ -69,9 +108,8 @@ def main(argv):
         FloatingPointError,
     ) as e:
         logging.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(e))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -217,6 +217,20 @@ def _format_eta(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
+def _last_good(ckpt: checkpoint.Checkpointer) -> str:
+    """Where a relaunch would resume from, in words."""
+    step = ckpt.latest_step()
+    if step is None:
+        return (
+            f"No checkpoint was saved before it ({ckpt.directory} is empty): a relaunch "
+            "starts from scratch."
+        )
+    return (
+        f"The last good checkpoint (step {step}) is kept in {ckpt.directory}; a relaunch "
+        "resumes from it."
+    )
+
+
 def _stop_if_not_finite(
     losses: list[float], first_step: int, ckpt: checkpoint.Checkpointer
 ) -> None:
@@ -225,9 +239,8 @@ def _stop_if_not_finite(
         if not math.isfinite(loss):
             ckpt.wait()  # Saves already under way hold finite states: let them finish.
             raise FloatingPointError(
-                f"Loss is {loss} at step {first_step + i}: stopping. The last good checkpoint "
-                f"(step {ckpt.latest_step()}) is kept in {ckpt.directory}; relaunching resumes "
-                "from it (consider a lower learning rate)."
+                f"Loss is {loss} at step {first_step + i}: stopping. {_last_good(ckpt)} "
+                "Consider a lower config.learning_rate, or check the input data."
             )
 
 
@@ -252,7 +265,14 @@ def _train_and_evaluate(
 ) -> dict[str, float]:
     is_main = jax.process_index() == 0
 
-    mesh = sharding.make_mesh(config.mesh_shape)
+    try:
+        mesh = sharding.make_mesh(config.mesh_shape)
+    except ValueError as e:
+        raise config_lib.ConfigError(
+            f"config.mesh_shape = {tuple(config.mesh_shape)}: {e} ({jax.device_count()} "
+            f"{jax.default_backend()} devices in this job). Use -1 for the data axis to take "
+            "what there is, e.g. --config.mesh_shape='(-1, 1)'."
+        ) from None
     data_size = mesh.shape[sharding.DATA_AXIS]
     for field in ("batch_size", "eval_batch_size"):
         if config[field] % data_size:
@@ -430,8 +450,7 @@ def _train_and_evaluate(
             if not bool(checkpoint.all_finite(state.params)):
                 ckpt.wait()
                 raise FloatingPointError(
-                    f"Parameters are not finite after step {step}: stopping. The last good "
-                    f"checkpoint (step {ckpt.latest_step()}) is kept in {ckpt.directory}."
+                    f"Parameters are not finite after step {step}: stopping. {_last_good(ckpt)}"
                 )
             val = {f"val_{k}": v for k, v in eval_metrics.items()} if evaluated else None
             ckpt.maybe_save(step, state, train_iter, config=config, metrics=val, force=True)

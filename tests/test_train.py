@@ -99,9 +99,46 @@ def test_launch_trains_checkpoints_and_resumes(tiny_demo_dir, tmp_path):
 )
 def test_bad_override_fails_at_once_naming_the_field(override, named, tmp_path):
     result = _launch("--config=configs/demo.py", f"--workdir={tmp_path}", override, timeout=120)
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert named in result.stderr
+    assert "Traceback" not in result.stderr
     assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
+
+
+def test_misspelt_field_names_the_likely_one_in_one_line(tmp_path):
+    result = _launch("--config=configs/demo.py", f"--workdir={tmp_path}", "--config.batch_szie=3")
+    assert result.stderr.strip().splitlines() == [
+        "error: unknown config field in a --config.* override: batch_szie. Did you mean "
+        '"batch_size" instead of "batch_szie"? (configs/common.py lists every field with its '
+        "default)"
+    ]
+
+
+@pytest.mark.parametrize("problem", ["workdir_is_a_file", "mesh_needs_more_devices"])
+def test_environment_problems_are_one_message_naming_the_flag(problem, tiny_demo_dir, tmp_path):
+    workdir = tmp_path / "run"
+    overrides = {}
+    if problem == "workdir_is_a_file":
+        workdir.write_text("")
+        named = f"--workdir={workdir} is a file"
+    else:
+        overrides["mesh_shape"] = "(1, 2)"  # 2 devices; this process has 1.
+        named = "config.mesh_shape = (1, 2): mesh_shape (1, 2) needs 2 devices, found 1"
+    result = _launch(*tiny_launch_flags(tiny_demo_dir, workdir, **overrides), timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert named in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_loss_that_is_not_finite_before_any_checkpoint_says_so(tiny_demo_dir, tmp_path):
+    workdir = tmp_path / "run"
+    flags = tiny_launch_flags(
+        tiny_demo_dir, workdir, learning_rate=1e12, max_steps=4, checkpoint_every_steps=100
+    )
+    result = _launch(*flags, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Loss is nan at step" in result.stderr or "not finite after step" in result.stderr
+    assert "No checkpoint was saved before it" in result.stderr
+    assert "step None" not in result.stderr and "Traceback" not in result.stderr
 
 
 def test_missing_prepared_data_names_the_prepare_command(tmp_path):
