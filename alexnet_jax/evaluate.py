@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from alexnet_jax import checkpoint, metrics, predict, sharding, train, tuning
+from alexnet_jax import checkpoint, cli, inference, metrics, sharding, tuning
 from alexnet_jax.data import augment, pipeline
 
 CENTRE_VIEW = augment.TEN_CROP_POSITIONS.index("centre")  # The centre patch among the ten.
@@ -48,7 +48,7 @@ class Member:
     """One model of the evaluation: its trained weights and how its inputs are prepared."""
 
     workdir: str
-    trained: predict.TrainedModel
+    trained: inference.TrainedModel
 
     @property
     def name(self) -> str:
@@ -83,7 +83,7 @@ def load_members(
     members = []
     for workdir in workdirs:
         workdir = os.path.abspath(os.path.expanduser(workdir))
-        trained = predict.load_trained(
+        trained = inference.load_trained(
             workdir, step=resolve_step(workdir, which), data_dir=data_dir
         )
         members.append(Member(workdir, trained))
@@ -217,7 +217,7 @@ def evaluate_members(
             local = {**local, "images": local["images"][:, None]}  # B x 1 x H x W x C
         keep = min(len(local["labels"]), total - seen)
         local = {k: v[:keep] for k, v in local.items()}
-        batch = sharding.global_batch(mesh, train.pad_batch(local, local_batch))
+        batch = sharding.global_batch(mesh, inference.pad_batch(local, local_batch))
         sums = batch_fn(params_list, means_list, batch)
         for key, value in sums.items():
             totals[key] = totals.get(key, 0.0) + float(np.asarray(value.addressable_data(0)))
@@ -324,9 +324,32 @@ _NUM_THREADS = flags.DEFINE_integer("num_threads", 2, "Decoding threads.", flag_
 _OUTPUT = flags.DEFINE_string(
     "output",
     None,
-    "JSON report path (default: <first workdir>/evaluation_<checkpoint>.json).",
+    "JSON report path (default: <first workdir>/evaluation_<what was evaluated>.json, see "
+    "report_filename; an existing file is never replaced).",
     flag_values=_FLAGS,
 )
+
+
+def report_filename(
+    members: Sequence[Member], *, ten_crop: bool, split: str, max_examples: int
+) -> str:
+    """A name saying what was evaluated: ``evaluation_step690_val_10crop_ensemble3.json``."""
+    parts = [f"step{members[0].trained.step}", split, "10crop" if ten_crop else "centre"]
+    if max_examples:
+        parts.append(f"first{max_examples}")
+    if len(members) > 1:
+        parts.append(f"ensemble{len(members)}")
+    return "evaluation_" + "_".join(parts) + ".json"
+
+
+def unused_path(path: str) -> str:
+    """``path``, or ``stem.2.json``, ``stem.3.json``, ...: the first that does not exist yet."""
+    stem, ext = os.path.splitext(path)
+    candidate, n = path, 1
+    while os.path.exists(candidate):
+        n += 1
+        candidate = f"{stem}.{n}{ext}"
+    return candidate
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -344,7 +367,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def main(argv: Sequence[str]) -> int:
-    logging.get_absl_handler().addFilter(predict.QuietLibraryLogs())
+    cli.quiet_library_logs()
     workdirs = list(_WORKDIR.value or []) + list(argv[1:])
     if not workdirs:
         raise app.UsageError("Give --workdir=DIR (and optionally more workdirs as arguments)")
@@ -361,13 +384,20 @@ def main(argv: Sequence[str]) -> int:
             max_examples=_MAX_EXAMPLES.value,
             num_threads=_NUM_THREADS.value,
         )
-    except (FileNotFoundError, ValueError, checkpoint.CorruptCheckpointError) as e:
+    except (inference.CheckpointMissingError, checkpoint.NoUsableCheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.EXIT_NO_CHECKPOINT
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return cli.EXIT_USAGE
     output = _OUTPUT.value or os.path.join(
-        members[0].workdir, f"evaluation_{_CHECKPOINT.value}.json"
+        members[0].workdir,
+        report_filename(
+            members, ten_crop=_TEN_CROP.value, split=_SPLIT.value, max_examples=_MAX_EXAMPLES.value
+        ),
     )
-    with open(output, "w") as f:
+    output = unused_path(output)
+    with open(output, "x") as f:
         json.dump(report, f, indent=1)
     print(format_table(report))
     print(f"\nWritten to {output}")

@@ -8,199 +8,29 @@ Each image is prepared as the training data was (shorter side to 256, central
 classified from its central 224x224 patch or, with ``--ten_crop``, from the
 average of the softmax outputs of the paper's ten patches (Sec. 4.1).
 A file that is not a readable image is reported by path; the others are still
-classified, and the exit status is 1.
-
-Also the one place that loads a trained model (config, params, class names,
-mean image) for ``visualize.py``.
+classified, and the exit status is 1 (``cli.EXIT_PARTIAL``). The model is
+loaded by ``inference.load_trained``: the newest usable checkpoint, or ``--step``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import json
-import logging as std_logging
-import os
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
-from PIL import Image
 
-from alexnet_jax import checkpoint, train, tuning
-from alexnet_jax.data import augment, pipeline, writer
-from alexnet_jax.model import AlexNet
-from configs import common
+from alexnet_jax import checkpoint, cli, inference, tuning
 
-CROP_SIZE = pipeline.CROP_SIZE
 TOP_K = 5
-# Errors PIL raises for files that are missing, not images, truncated or corrupt.
-IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-
-
-class CheckpointMissingError(FileNotFoundError):
-    """The workdir holds no checkpoint to load."""
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainedModel:
-    """A restored checkpoint with everything needed to feed it images and name its outputs."""
-
-    config: ml_collections.ConfigDict
-    model: AlexNet
-    params: Any
-    step: int
-    dataset: pipeline.Dataset  # The prepared data it was trained on: classes, mean image.
-
-    @property
-    def classes(self) -> list[dict[str, str]]:
-        """One ``{"id", "name"}`` per output, in output order (wnid and name for ImageNet)."""
-        return self.dataset.metadata["classes"]
-
-    @functools.cached_property
-    def preprocessing(self) -> pipeline.Preprocessing:
-        """The run's evaluation preprocessing (mean subtraction, input scale)."""
-        return pipeline.Preprocessing.from_config(self.config.data, self.dataset)
-
-    def views(self, image_256x256x3: np.ndarray, *, ten_crop: bool) -> np.ndarray:
-        """A prepared uint8 image -> V x 224 x 224 x 3 float32 inputs (V = 1 or 10)."""
-        p = self.preprocessing
-        if ten_crop:
-            return augment.ten_crop(
-                image_256x256x3, mean=p.mean, crop_size=p.crop_size, scale=p.scale
-            )
-        crop = augment.center_crop(
-            image_256x256x3, mean=p.mean, crop_size=p.crop_size, scale=p.scale
-        )
-        return crop[None]
-
-
-def run_config(
-    ckpt: checkpoint.Checkpointer, step: int, fallback: ml_collections.ConfigDict | None
-) -> ml_collections.ConfigDict:
-    """The config saved with ``step``, on top of today's defaults; else ``fallback``.
-
-    Defaults fill in fields added since the run; fields since removed are dropped.
-    """
-    try:
-        saved = checkpoint.flatten_config(ckpt.saved_config(step))
-    except Exception as e:  # noqa: BLE001 - older checkpoints have no config item.
-        if fallback is None:
-            raise ValueError(
-                f"The checkpoint at step {step} in {ckpt.directory} holds no config "
-                f"({type(e).__name__}); pass the config it was trained with, e.g. "
-                "--config=configs/demo.py"
-            ) from e
-        return fallback
-    if fallback is not None:
-        logging.warning("Using the config saved in the checkpoint; --config is ignored")
-    config = common.base_config()
-    known = checkpoint.flatten_config(config.to_dict())
-    config.update_from_flattened_dict(
-        {k: tuple(v) if isinstance(known[k], tuple) else v for k, v in saved.items() if k in known}
-    )
-    return config
-
-
-def load_trained(
-    workdir: str,
-    *,
-    config: ml_collections.ConfigDict | None = None,
-    data_dir: str | None = None,
-    step: int | None = None,
-) -> TrainedModel:
-    """Restores the params of ``workdir``'s latest (or ``step``'s) checkpoint.
-
-    The run's config comes from the checkpoint; ``config`` is used only for
-    checkpoints saved without one. ``data_dir`` overrides ``config.data.dir``
-    (the prepared dataset gives the class names and the mean image).
-    """
-    workdir = os.path.abspath(os.path.expanduser(workdir))
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    train_command = f"python launch.py --config=configs/demo.py --workdir={workdir}"
-    if not os.path.isdir(ckpt_dir):
-        raise CheckpointMissingError(
-            f"No checkpoint in {workdir} (no {ckpt_dir} directory). Train a model first, "
-            f"e.g.:\n  {train_command}"
-        )
-    ckpt = checkpoint.Checkpointer(workdir, read_only=True)
-    try:
-        steps = ckpt.all_steps()
-        if not steps:
-            raise CheckpointMissingError(
-                f"{ckpt_dir} holds no finished checkpoint. Train a model first, e.g.:\n"
-                f"  {train_command}"
-            )
-        if step is None:
-            step = steps[-1]
-        elif step not in steps:
-            raise CheckpointMissingError(
-                f"No checkpoint for step {step} in {ckpt_dir}: has {steps}"
-            )
-        config = run_config(ckpt, step, config)
-        if data_dir is not None:
-            config = ml_collections.ConfigDict(config.to_dict())
-            config.data.dir = data_dir
-        model = train.build_model(config)
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        abstract_params = jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-            jax.eval_shape(
-                lambda: model.init(
-                    jax.random.PRNGKey(0), jnp.zeros((1, CROP_SIZE, CROP_SIZE, 3)), train=False
-                )["params"]
-            ),
-        )
-        params = ckpt.restore_params(step, abstract_params)
-    finally:
-        ckpt.close()
-    dataset = pipeline.open_dataset(
-        config.data.dir,
-        how_to_prepare=(
-            f"the prepared dataset the run in {workdir} trained on; pass --data_dir=DIR "
-            "if it has moved"
-        ),
-    )
-    if dataset.num_classes != config.model.num_classes:
-        raise ValueError(
-            f"The dataset in {dataset.data_dir} has {dataset.num_classes} classes but the model "
-            f"in {workdir} has {config.model.num_classes} outputs: pass the right --data_dir"
-        )
-    return TrainedModel(config, model, params, step, dataset)
-
-
-def read_image(path: str) -> np.ndarray:
-    """An image file -> uint8 256x256x3, prepared as the training data (Sec. 2).
-
-    Raises one of ``IMAGE_ERRORS`` for a missing, non-image or broken file.
-    """
-    with Image.open(path) as image:
-        image.load()  # Decode now, so a truncated file fails here.
-        return np.asarray(writer.resize_and_center_crop(image), np.uint8)
-
-
-def make_probabilities_fn(model: AlexNet):
-    """Jitted (params, B x V x 224 x 224 x 3 views) -> softmax averaged over the V views."""
-
-    @jax.jit
-    def probabilities(params: Any, views_BxVxHxWxC: jax.Array) -> jax.Array:
-        b, v = views_BxVxHxWxC.shape[:2]
-        images = views_BxVxHxWxC.reshape(b * v, *views_BxVxHxWxC.shape[2:])
-        logits = model.apply({"params": params}, images, train=False)
-        return augment.average_crop_softmax(logits.reshape(b, v, -1))
-
-    return probabilities
 
 
 def predict_probabilities(
-    trained: TrainedModel,
+    trained: inference.TrainedModel,
     images_Nx256x256x3: np.ndarray,
     *,
     ten_crop: bool = False,
@@ -211,7 +41,7 @@ def predict_probabilities(
 
     Batches are padded to ``batch_size`` so the network compiles once.
     """
-    probabilities_fn = probabilities_fn or make_probabilities_fn(trained.model)
+    probabilities_fn = probabilities_fn or inference.make_probabilities_fn(trained.model)
     outputs = []
     for start in range(0, len(images_Nx256x256x3), batch_size):
         views = np.stack(
@@ -245,7 +75,7 @@ def top_k(
 
 
 def predict_files(
-    trained: TrainedModel,
+    trained: inference.TrainedModel,
     paths: Sequence[str],
     *,
     ten_crop: bool = False,
@@ -256,16 +86,16 @@ def predict_files(
 
     Files are read one batch at a time, so any number of them fits in memory.
     """
-    probabilities_fn = make_probabilities_fn(trained.model)
+    probabilities_fn = inference.make_probabilities_fn(trained.model)
     results, errors = [], []
     start_time = time.time()
     for start in range(0, len(paths), batch_size):
         batch_paths, images = [], []
         for path in paths[start : start + batch_size]:
             try:
-                images.append(read_image(path))
+                images.append(inference.read_image(path))
                 batch_paths.append(path)
-            except IMAGE_ERRORS as e:
+            except inference.IMAGE_ERRORS as e:
                 logging.warning("Skipping %s: %s", path, e)
                 errors.append({"path": path, "error": f"{type(e).__name__}: {e}"})
         if images:
@@ -324,18 +154,8 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 
 
-class QuietLibraryLogs(std_logging.Filter):
-    """Keeps this package's INFO progress; from libraries (orbax's chatter) only errors."""
-
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        if "/alexnet_jax/" in record.pathname:
-            return True
-        threshold = std_logging.ERROR if "/orbax/" in record.pathname else std_logging.WARNING
-        return record.levelno >= threshold
-
-
 def main(argv: Sequence[str]) -> int:
-    logging.get_absl_handler().addFilter(QuietLibraryLogs())
+    cli.quiet_library_logs()
     paths = list(argv[1:])
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required")
@@ -345,12 +165,18 @@ def main(argv: Sequence[str]) -> int:
         raise app.UsageError("--top_k and --batch_size must be >= 1")
     try:
         tuning.configure_process()  # Before JAX starts its backends.
-        trained = load_trained(
+        trained = inference.load_trained(
             _WORKDIR.value, config=_CONFIG.value, data_dir=_DATA_DIR.value, step=_STEP.value
         )
+    except inference.CheckpointMissingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return cli.EXIT_NO_CHECKPOINT
+    except checkpoint.NoUsableCheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return cli.EXIT_NO_CHECKPOINT
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.EXIT_USAGE
     logging.info(
         "Restored step %d from %s (%d classes)", trained.step, _WORKDIR.value, len(trained.classes)
     )
@@ -370,8 +196,8 @@ def main(argv: Sequence[str]) -> int:
         print(format_text(results, errors))
     if errors:
         print(f"{len(errors)} of {len(paths)} files could not be read", file=sys.stderr)
-        return 1
-    return 0
+        return cli.EXIT_PARTIAL
+    return cli.EXIT_OK
 
 
 if __name__ == "__main__":

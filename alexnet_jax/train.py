@@ -16,7 +16,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from alexnet_jax import checkpoint, config_lib, metrics, optim, sharding, tuning
+from alexnet_jax import checkpoint, config_lib, inference, metrics, optim, sharding
 from alexnet_jax.data import demo, pipeline
 from alexnet_jax.model import AlexNet
 
@@ -36,23 +36,6 @@ class TrainState:
     opt_state: Any
     rng: jax.Array  # Base key; step t uses fold_in(rng, t).
     schedule: optim.ScheduleState  # The plateau rule's memory (learning-rate scale, best error).
-
-
-def build_model(
-    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None
-) -> AlexNet:
-    """The config's AlexNet with this backend's kernels; with ``mesh``, towers on their devices."""
-    m = config.model
-    return AlexNet(
-        num_classes=m.num_classes,
-        width=m.width,
-        dropout_rate=m.dropout_rate,
-        init_scheme=m.init_scheme,
-        use_lrn=m.use_lrn,
-        dtype=jnp.dtype(m.compute_dtype),
-        mesh=mesh,
-        kernels=tuning.kernels(conv_chunk_size=m.conv_chunk_size),
-    )
 
 
 def init_state(model: AlexNet, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
@@ -127,17 +110,6 @@ def eval_step(params: Any, batch: dict[str, jax.Array], *, model: AlexNet) -> di
     }
 
 
-def pad_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
-    """Pads a short final batch to ``size`` and adds a 0/1 ``mask``."""
-    n = len(batch["labels"])
-    padded = {
-        k: np.concatenate([v, np.zeros((size - n, *v.shape[1:]), v.dtype)])
-        for k, v in batch.items()
-    }
-    padded["mask"] = (np.arange(size) < n).astype(np.float32)
-    return padded
-
-
 def evaluate(
     params: Any,
     eval_fn: Any,
@@ -160,7 +132,7 @@ def evaluate(
         process_count=shard_count,
     ):
         sums = jax.device_get(
-            eval_fn(params, sharding.global_batch(mesh, pad_batch(local, local_batch)))
+            eval_fn(params, sharding.global_batch(mesh, inference.pad_batch(local, local_batch)))
         )
         for k, v in sums.items():
             totals[k] = totals.get(k, 0.0) + float(v)
@@ -293,7 +265,7 @@ def _train_and_evaluate(
     )
     eval_every_steps = max(1, round(config.eval_every_epochs * steps_per_epoch))
 
-    model = build_model(config, mesh)
+    model = inference.build_model(config, mesh)
     learning_rate_fn = optim.learning_rate_schedule(
         config, steps_per_epoch=steps_per_epoch, total_steps=total_steps
     )

@@ -27,7 +27,13 @@ import numpy as np
 from absl import app, flags, logging
 from PIL import Image, ImageDraw
 
-from alexnet_jax import checkpoint, predict, tuning
+from alexnet_jax import (
+    checkpoint,
+    cli,
+    inference,
+    predict,  # noqa: F401 - defines --workdir, --config, --step, --data_dir.
+    tuning,
+)
 from alexnet_jax.data import pipeline, records
 
 COMMANDS = ("filters", "neighbours", "curves")
@@ -185,7 +191,7 @@ def split_images(
 
 
 def find_neighbours(
-    trained: predict.TrainedModel,
+    trained: inference.TrainedModel,
     *,
     query_images: np.ndarray,
     query_names: Sequence[str],
@@ -420,7 +426,7 @@ def steps_per_epoch(workdir: str, fallback_config=None) -> float | None:
     try:
         ckpt = checkpoint.Checkpointer(workdir, read_only=True)
         try:
-            config = predict.run_config(ckpt, ckpt.all_steps()[-1], fallback_config)
+            config = inference.run_config(ckpt, ckpt.all_steps()[-1], fallback_config)
         finally:
             ckpt.close()
     except Exception as e:  # noqa: BLE001 - the curves are still drawn, against steps.
@@ -462,8 +468,8 @@ for _name in ("workdir", "config", "step", "data_dir", "batch_size"):
     flags.declare_key_flag(_name)  # Defined in predict.py, shared.
 
 
-def _load() -> predict.TrainedModel:
-    trained = predict.load_trained(
+def _load() -> inference.TrainedModel:
+    trained = inference.load_trained(
         FLAGS.workdir,
         config=FLAGS.config,
         data_dir=FLAGS.data_dir,
@@ -485,9 +491,9 @@ def run_neighbours(image_paths: Sequence[str]) -> str:
         images, names = [], []
         for path in image_paths:
             try:
-                images.append(predict.read_image(path))
+                images.append(inference.read_image(path))
                 names.append(path)
-            except predict.IMAGE_ERRORS as e:
+            except inference.IMAGE_ERRORS as e:
                 logging.warning("Skipping query %s: %s", path, e)
         if not images:
             raise ValueError("None of the query images could be read")
@@ -546,7 +552,7 @@ def _output_path(command: str) -> str:
 
 
 def main(argv: Sequence[str]) -> int:
-    logging.get_absl_handler().addFilter(predict.QuietLibraryLogs())
+    cli.quiet_library_logs()
     if len(argv) < 2 or argv[1] not in COMMANDS:
         raise app.UsageError(f"Give a command: one of {COMMANDS}")
     if not FLAGS.workdir:

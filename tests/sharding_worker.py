@@ -28,7 +28,7 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from alexnet_jax import optim, sharding, train, tuning  # noqa: E402
+from alexnet_jax import inference, optim, sharding, train, tuning  # noqa: E402
 from configs import demo  # noqa: E402
 
 BATCH = 4
@@ -56,7 +56,7 @@ def fixed_batch() -> dict[str, np.ndarray]:
 def one_step(config, mesh_shape, devices):
     """(state before, state after, metrics, compiled HLO text) of one jitted train step."""
     mesh = sharding.make_mesh(mesh_shape, devices)
-    model = train.build_model(config, mesh)
+    model = inference.build_model(config, mesh)
     optimizer = optim.make_optimizer(config)
     learning_rate_fn = optim.learning_rate_schedule(config, steps_per_epoch=10, total_steps=100)
     init_fn = functools.partial(train.init_state, model, optimizer, config.seed)

@@ -5,13 +5,14 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import grain
 import jax
 import numpy as np
 import pytest
 
-from alexnet_jax import checkpoint, evaluate, optim, predict, train
+from alexnet_jax import checkpoint, evaluate, inference, optim, predict, train
 from alexnet_jax.data import pipeline, records
 from tests.conftest import ROOT, tiny_config
 
@@ -21,7 +22,7 @@ def second_workdir(tiny_trained_workdir, tiny_demo_dir, tmp_path_factory):
     """Another "model": the tiny run's state with perturbed params, at steps 2 (best) and 3."""
     config = tiny_config(tiny_demo_dir)
     config.max_steps = 2
-    model = train.build_model(config)
+    model = inference.build_model(config)
     abstract = jax.eval_shape(
         functools.partial(train.init_state, model, optim.make_optimizer(config), 0)
     )
@@ -162,5 +163,27 @@ def test_cli_names_a_missing_workdir(tmp_path):
         text=True,
         timeout=120,
     )
-    assert result.returncode == 2
+    assert result.returncode == 3  # cli.EXIT_NO_CHECKPOINT
     assert "No checkpoint in" in result.stderr and str(tmp_path / "nothing") in result.stderr
+
+
+def test_reports_are_named_after_what_was_evaluated_and_never_replaced(tmp_path):
+    def member(step):
+        return types.SimpleNamespace(trained=types.SimpleNamespace(step=step))
+
+    one, three = [member(690)], [member(690), member(700), member(710)]
+    name = evaluate.report_filename
+    assert name(one, ten_crop=False, split="val", max_examples=0) == (
+        "evaluation_step690_val_centre.json"
+    )
+    assert name(three, ten_crop=True, split="val", max_examples=500) == (
+        "evaluation_step690_val_10crop_first500_ensemble3.json"
+    )
+    first = tmp_path / "evaluation_step690_val_centre.json"
+    assert evaluate.unused_path(str(first)) == str(first)
+    first.write_text("{}")
+    second = evaluate.unused_path(str(first))
+    assert second == str(tmp_path / "evaluation_step690_val_centre.2.json")
+    open(second, "w").close()
+    assert evaluate.unused_path(str(first)).endswith("centre.3.json")
+    assert first.read_text() == "{}"

@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -11,14 +12,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alexnet_jax import predict
+from alexnet_jax import inference, predict
 from alexnet_jax.data import augment, pipeline, records
 from tests.conftest import ROOT, SHARED_SAMPLES
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_trained_workdir):
-    return predict.load_trained(tiny_trained_workdir)
+    return inference.load_trained(tiny_trained_workdir)
 
 
 @pytest.fixture(scope="module")
@@ -57,16 +58,16 @@ def test_load_trained_uses_the_saved_config_and_classes(trained, tiny_demo_dir):
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(predict.CheckpointMissingError, match="(?s)No checkpoint.*launch.py"):
-        predict.load_trained(str(tmp_path))
+    with pytest.raises(inference.CheckpointMissingError, match="(?s)No checkpoint.*launch.py"):
+        inference.load_trained(str(tmp_path))
     os.makedirs(tmp_path / "checkpoints")
-    with pytest.raises(predict.CheckpointMissingError, match="no finished checkpoint"):
-        predict.load_trained(str(tmp_path))
+    with pytest.raises(inference.CheckpointMissingError, match="no finished checkpoint"):
+        inference.load_trained(str(tmp_path))
 
 
 def test_unknown_step_is_a_clear_error(tiny_trained_workdir):
-    with pytest.raises(predict.CheckpointMissingError, match="step 999.*has \\[2\\]"):
-        predict.load_trained(tiny_trained_workdir, step=999)
+    with pytest.raises(inference.CheckpointMissingError, match="step 999.*has \\[2\\]"):
+        inference.load_trained(tiny_trained_workdir, step=999)
 
 
 def test_centre_crop_predictions_match_the_model_on_hand_cut_crops(trained, val_pngs):
@@ -125,7 +126,7 @@ def test_grayscale_and_odd_sizes_become_rgb_256(tmp_path):
     path = tmp_path / "gray.png"
     gray = (np.arange(90 * 500) % 256).astype(np.uint8).reshape(90, 500)
     Image.fromarray(gray).save(path)
-    image = predict.read_image(str(path))
+    image = inference.read_image(str(path))
     assert image.shape == (256, 256, 3) and image.dtype == np.uint8
     np.testing.assert_array_equal(image[..., 0], image[..., 2])
 
@@ -157,7 +158,7 @@ def test_cli_json_reports_results_and_bad_files(tiny_trained_workdir, val_pngs, 
         text=True,
         env={**os.environ, "PYTHONPATH": ROOT},
     )
-    assert missing.returncode == 2
+    assert missing.returncode == 3  # cli.EXIT_NO_CHECKPOINT
     assert "No checkpoint in" in missing.stderr and "launch.py" in missing.stderr
 
 
@@ -173,3 +174,39 @@ def test_real_imagenet_jpegs(trained):
         probs = [p["probability"] for p in r["top"]]
         assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
         assert {p["name"] for p in r["top"]} <= names
+
+
+def _truncate_largest_state_file(step_dir):
+    files = [os.path.join(d, f) for d, _, fs in os.walk(step_dir / "state") for f in fs]
+    largest = max(files, key=os.path.getsize)
+    with open(largest, "r+b") as f:
+        f.truncate(os.path.getsize(largest) // 2)
+
+
+def test_a_damaged_checkpoint_falls_back_as_training_does(tiny_trained_workdir, val_pngs, tmp_path):
+    paths, _ = val_pngs
+    workdir = tmp_path / "run"
+    shutil.copytree(tiny_trained_workdir, workdir)
+    checkpoints = workdir / "checkpoints"
+    shutil.copytree(checkpoints / "2", checkpoints / "1")  # An older, intact step.
+    _truncate_largest_state_file(checkpoints / "2")
+    cmd = [sys.executable, "-m", "alexnet_jax.predict", f"--workdir={workdir}", "--json", paths[0]]
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads(run.stdout)["checkpoint_step"] == 1
+    assert "Checkpoint at step 2" in run.stderr and "trying the previous one" in run.stderr
+    assert sorted(os.listdir(checkpoints)) == ["1", "2"]  # A tool only reads: nothing moved.
+
+    _truncate_largest_state_file(checkpoints / "1")  # Now none restores.
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 3, run.stderr[-3000:]  # cli.EXIT_NO_CHECKPOINT
+    assert "No checkpoint in" in run.stderr and "could be restored" in run.stderr
+    assert "step 2:" in run.stderr and "step 1:" in run.stderr
+    assert "Traceback" not in run.stderr
+    evaluate = subprocess.run(
+        [sys.executable, "-m", "alexnet_jax.evaluate", f"--workdir={workdir}"],
+        cwd=ROOT, capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert evaluate.returncode == 3, evaluate.stderr[-3000:]
+    assert "could be restored" in evaluate.stderr and "Traceback" not in evaluate.stderr

@@ -19,7 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from alexnet_jax import config_lib, optim, sharding, train
+from alexnet_jax import config_lib, inference, optim, sharding, train
 from configs import imagenet_pod
 from tests.conftest import ROOT, tiny_config, tiny_launch_flags
 
@@ -123,7 +123,7 @@ def test_state_shardings_split_tower_layers_and_their_momentum():
     config = tiny_config("unused")
     mesh = sharding.make_mesh((1, 1))
     optimizer = optim.make_optimizer(config)
-    init_fn = functools.partial(train.init_state, train.build_model(config), optimizer, 0)
+    init_fn = functools.partial(train.init_state, inference.build_model(config), optimizer, 0)
     shardings = sharding.state_shardings(mesh, jax.eval_shape(init_fn))
     flat = jax.tree_util.tree_flatten_with_path(shardings)[0]
     specs = {jax.tree_util.keystr(p): s.spec for p, s in flat}
@@ -223,7 +223,7 @@ def _train_losses(workdir) -> dict[int, float]:
 
 def _restore_in_one_process(workdir, config, step):
     optimizer = optim.make_optimizer(config)
-    init_fn = functools.partial(train.init_state, train.build_model(config), optimizer, 0)
+    init_fn = functools.partial(train.init_state, inference.build_model(config), optimizer, 0)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), jax.eval_shape(init_fn)

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from alexnet_jax import optim, train
+from alexnet_jax import inference, optim, train
 from alexnet_jax.data import pipeline
 from tests.conftest import ROOT, tiny_config, tiny_launch_flags
 
@@ -20,7 +20,7 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch(tiny_demo_dir):
     config = tiny_config(tiny_demo_dir)
     config.model.dropout_rate = 0.0
     config.learning_rate = 0.003
-    net = train.build_model(config)
+    net = inference.build_model(config)
     optimizer = optim.make_optimizer(config)
     state = train.init_state(net, optimizer, seed=0)
     dataset = pipeline.open_dataset(tiny_demo_dir, how_to_prepare="(test data)")
@@ -43,7 +43,7 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch(tiny_demo_dir):
 
 def test_eval_step_ignores_padding():
     batch = {"images": np.ones((3, 2, 2, 3), np.float32), "labels": np.arange(3, dtype=np.int32)}
-    padded = train.pad_batch(batch, 5)
+    padded = inference.pad_batch(batch, 5)
     assert padded["images"].shape == (5, 2, 2, 3)
     np.testing.assert_array_equal(padded["mask"], [1, 1, 1, 0, 0])
     np.testing.assert_array_equal(padded["labels"][:3], [0, 1, 2])

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alexnet_jax import predict, visualize
+from alexnet_jax import inference, visualize
 from alexnet_jax.model import AlexNet, scaled
 from tests.conftest import ROOT
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_trained_workdir):
-    return predict.load_trained(tiny_trained_workdir)
+    return inference.load_trained(tiny_trained_workdir)
 
 
 def test_paper_net_has_96_conv1_kernels_and_width_w_has_2_round_48w():
@@ -71,7 +71,7 @@ def test_filters_cli_writes_the_png_of_the_trained_kernels(tiny_trained_workdir,
     per_tower = scaled(48, 1 / 16)  # 3 kernels per tower at the tiny width
     image = np.asarray(Image.open(out))
     assert image.shape == (2 + 2 * 46 + 8, 2 + per_tower * 46, 3)
-    trained = predict.load_trained(tiny_trained_workdir)
+    trained = inference.load_trained(tiny_trained_workdir)
     expected = visualize.filter_grid(visualize.conv1_kernels(trained.params))
     np.testing.assert_array_equal(image, expected)
 

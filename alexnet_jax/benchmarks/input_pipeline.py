@@ -32,7 +32,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from alexnet_jax import allocator, tuning
+from alexnet_jax import allocator, inference, tuning
 from alexnet_jax.data import augment, pipeline, prepare, writer
 
 DEFAULT_SAMPLES = os.path.join(
@@ -132,7 +132,7 @@ def train_step_rate(width: float, batch_size: int, steps: int) -> float:
     config = imagenet.get_config()
     config.model.width = width
     config.batch_size = batch_size
-    model = train.build_model(config)
+    model = inference.build_model(config)
     optimizer = optim.make_optimizer(config)
     step_fn = train.jit_train_step(model, optimizer, optim.learning_rate_schedule(config))
     state = jax.jit(functools.partial(train.init_state, model, optimizer, 0))()

@@ -35,7 +35,7 @@ from typing import Any
 
 from absl import app, flags
 
-from alexnet_jax import allocator, tuning
+from alexnet_jax import allocator, inference, tuning
 
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["128", "64"], "Train batch sizes to time.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed calls per measurement (the median is reported).")
@@ -111,10 +111,9 @@ def _config(
 
 
 def build_model(config, kernels: str = "auto"):
-    """``train.build_model(config)`` with the ``kernels`` choice (``tuning.kernels``)."""
-    from alexnet_jax import train
+    """``inference.build_model(config)`` with the ``kernels`` choice (``tuning.kernels``)."""
 
-    return train.build_model(config).clone(
+    return inference.build_model(config).clone(
         kernels=tuning.kernels(conv_chunk_size=config.model.conv_chunk_size, choice=kernels)
     )
 
@@ -206,9 +205,7 @@ def forward_flops_per_image(config) -> float:
     import jax
     import jax.numpy as jnp
 
-    from alexnet_jax import train
-
-    model = train.build_model(config)
+    model = inference.build_model(config)
     images = jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.float32)
     variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images, train=False))
     macs = 0

@@ -1,0 +1,28 @@
+"""What every command shares: the same log filtering and the same exit codes."""
+
+from __future__ import annotations
+
+import logging as std_logging
+
+from absl import logging
+
+# Exit codes of every command (README, "Checkpoints and faults").
+EXIT_OK = 0
+EXIT_PARTIAL = 1  # Finished, but some inputs were reported (e.g. unreadable images).
+EXIT_USAGE = 2  # A user or environment mistake: a flag, a config field, a path.
+EXIT_NO_CHECKPOINT = 3  # The workdir holds no checkpoint that can be restored.
+
+
+class QuietLibraryLogs(std_logging.Filter):
+    """Keeps this package's INFO progress; from libraries warnings, from orbax only errors."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        if "/alexnet_jax/" in record.pathname or record.pathname.endswith("launch.py"):
+            return True
+        threshold = std_logging.ERROR if "/orbax/" in record.pathname else std_logging.WARNING
+        return record.levelno >= threshold
+
+
+def quiet_library_logs() -> None:
+    """Installs ``QuietLibraryLogs`` on absl's handler (call at the start of ``main``)."""
+    logging.get_absl_handler().addFilter(QuietLibraryLogs())

@@ -1,0 +1,246 @@
+"""The one way to run a trained model: build it from a config, load it, feed it images.
+
+The training loop's validation, ``evaluate`` (centre, 10-crop, ensembles),
+``predict``, ``visualize`` and the benchmarks all build the model with
+``build_model``; the tools load a workdir with ``load_trained``, which
+restores the newest usable checkpoint as training does (a damaged one is
+skipped with a warning naming its step), and run it with
+``make_probabilities_fn``. Tools import this module, never the trainer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from PIL import Image
+
+from alexnet_jax import checkpoint, tuning
+from alexnet_jax.data import augment, pipeline, writer
+from alexnet_jax.model import AlexNet
+from configs import common
+
+CROP_SIZE = pipeline.CROP_SIZE
+# Errors PIL raises for files that are missing, not images, truncated or corrupt.
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def build_model(
+    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None
+) -> AlexNet:
+    """The config's AlexNet with this backend's kernels; with ``mesh``, towers on their devices."""
+    m = config.model
+    return AlexNet(
+        num_classes=m.num_classes,
+        width=m.width,
+        dropout_rate=m.dropout_rate,
+        init_scheme=m.init_scheme,
+        use_lrn=m.use_lrn,
+        dtype=jnp.dtype(m.compute_dtype),
+        mesh=mesh,
+        kernels=tuning.kernels(conv_chunk_size=m.conv_chunk_size),
+    )
+
+
+def abstract_params(model: AlexNet, sharding: jax.sharding.Sharding | None = None) -> Any:
+    """The model's parameter shapes and dtypes (no computation), placed by ``sharding``."""
+    shapes = jax.eval_shape(
+        lambda: model.clone(mesh=None).init(
+            jax.random.PRNGKey(0), jnp.zeros((1, CROP_SIZE, CROP_SIZE, 3)), train=False
+        )["params"]
+    )
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), shapes)
+
+
+class CheckpointMissingError(FileNotFoundError):
+    """The workdir holds no checkpoint to load."""
+
+
+class MissingConfigError(ValueError):
+    """An old checkpoint saved without its config, and none was given."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedModel:
+    """A restored checkpoint with everything needed to feed it images and name its outputs."""
+
+    config: ml_collections.ConfigDict
+    model: AlexNet
+    params: Any
+    step: int
+    dataset: pipeline.Dataset  # The prepared data it was trained on: classes, mean image.
+
+    @property
+    def classes(self) -> list[dict[str, str]]:
+        """One ``{"id", "name"}`` per output, in output order (wnid and name for ImageNet)."""
+        return self.dataset.metadata["classes"]
+
+    @functools.cached_property
+    def preprocessing(self) -> pipeline.Preprocessing:
+        """The run's evaluation preprocessing (mean subtraction, input scale)."""
+        return pipeline.Preprocessing.from_config(self.config.data, self.dataset)
+
+    def views(self, image_256x256x3: np.ndarray, *, ten_crop: bool) -> np.ndarray:
+        """A prepared uint8 image -> V x 224 x 224 x 3 float32 inputs (V = 1 or 10)."""
+        p = self.preprocessing
+        if ten_crop:
+            return augment.ten_crop(
+                image_256x256x3, mean=p.mean, crop_size=p.crop_size, scale=p.scale
+            )
+        crop = augment.center_crop(
+            image_256x256x3, mean=p.mean, crop_size=p.crop_size, scale=p.scale
+        )
+        return crop[None]
+
+
+def run_config(
+    ckpt: checkpoint.Checkpointer, step: int, fallback: ml_collections.ConfigDict | None
+) -> ml_collections.ConfigDict:
+    """The config saved with ``step``, on top of today's defaults; else ``fallback``.
+
+    Defaults fill in fields added since the run; fields since removed are dropped.
+    """
+    try:
+        saved = checkpoint.flatten_config(ckpt.saved_config(step))
+    except Exception as e:  # noqa: BLE001 - older checkpoints have no config item.
+        if fallback is None:
+            raise MissingConfigError(
+                f"The checkpoint at step {step} in {ckpt.directory} holds no config "
+                f"({type(e).__name__}); pass the config it was trained with (predict and "
+                "visualize: --config=configs/demo.py)"
+            ) from e
+        return fallback
+    if fallback is not None:
+        logging.warning("Using the config saved in the checkpoint; --config is ignored")
+    config = common.base_config()
+    known = checkpoint.flatten_config(config.to_dict())
+    config.update_from_flattened_dict(
+        {k: tuple(v) if isinstance(known[k], tuple) else v for k, v in saved.items() if k in known}
+    )
+    return config
+
+
+def load_trained(
+    workdir: str,
+    *,
+    config: ml_collections.ConfigDict | None = None,
+    data_dir: str | None = None,
+    step: int | None = None,
+) -> TrainedModel:
+    """Restores the params of ``workdir``'s newest usable checkpoint, or of ``step``.
+
+    The run's config comes from the checkpoint; ``config`` is used only for
+    checkpoints saved without one. ``data_dir`` overrides ``config.data.dir``
+    (the prepared dataset gives the class names and the mean image). Without
+    ``step``, a checkpoint that cannot be restored is skipped with a warning
+    and the previous one tried, as training does (nothing is moved: the tools
+    only read); if none restores, ``checkpoint.NoUsableCheckpointError``.
+    """
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    train_command = f"python launch.py --config=configs/demo.py --workdir={workdir}"
+    if not os.path.isdir(ckpt_dir):
+        raise CheckpointMissingError(
+            f"No checkpoint in {workdir} (no {ckpt_dir} directory). Train a model first, "
+            f"e.g.:\n  {train_command}"
+        )
+    ckpt = checkpoint.Checkpointer(workdir, read_only=True)
+    try:
+        steps = ckpt.all_steps()
+        if not steps:
+            raise CheckpointMissingError(
+                f"{ckpt_dir} holds no finished checkpoint. Train a model first, e.g.:\n"
+                f"  {train_command}"
+            )
+        if step is not None and step not in steps:
+            raise CheckpointMissingError(
+                f"No checkpoint for step {step} in {ckpt_dir}: has {steps}"
+            )
+        candidates = [step] if step is not None else sorted(steps, reverse=True)
+        failures: list[tuple[int, str]] = []
+        for candidate in candidates:
+            try:
+                run = run_config(ckpt, candidate, config)
+                model = build_model(run)
+                device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+                params = ckpt.restore_params(candidate, abstract_params(model, device))
+            except MissingConfigError:
+                raise  # A config the user must give: not damage.
+            except Exception as e:  # noqa: BLE001 - any read failure: this step is unusable.
+                failures.append((candidate, f"{type(e).__name__}: {str(e)[:300]}"))
+                logging.warning(
+                    "Checkpoint at step %d in %s could not be restored (%s)%s",
+                    candidate,
+                    ckpt.directory,
+                    failures[-1][1],
+                    "; trying the previous one" if candidate != candidates[-1] else "",
+                )
+                continue
+            step = candidate
+            break
+        else:
+            details = "\n  ".join(f"step {s}: {why}" for s, why in failures)
+            raise checkpoint.NoUsableCheckpointError(
+                f"No checkpoint in {ckpt.directory} could be restored:\n  {details}\n"
+                + ("Pick another one with --step, or " if len(candidates) == 1 else "")
+                + f"retrain: {train_command}"
+            )
+    finally:
+        ckpt.close()
+    if data_dir is not None:
+        run = ml_collections.ConfigDict(run.to_dict())
+        run.data.dir = data_dir
+    dataset = pipeline.open_dataset(
+        run.data.dir,
+        how_to_prepare=(
+            f"the prepared dataset the run in {workdir} trained on; pass --data_dir=DIR "
+            "if it has moved"
+        ),
+    )
+    if dataset.num_classes != run.model.num_classes:
+        raise ValueError(
+            f"The dataset in {dataset.data_dir} has {dataset.num_classes} classes but the model "
+            f"in {workdir} has {run.model.num_classes} outputs: pass the right --data_dir"
+        )
+    return TrainedModel(run, model, params, step, dataset)
+
+
+def read_image(path: str) -> np.ndarray:
+    """An image file -> uint8 256x256x3, prepared as the training data (Sec. 2).
+
+    Raises one of ``IMAGE_ERRORS`` for a missing, non-image or broken file.
+    """
+    with Image.open(path) as image:
+        image.load()  # Decode now, so a truncated file fails here.
+        return np.asarray(writer.resize_and_center_crop(image), np.uint8)
+
+
+def make_probabilities_fn(model: AlexNet):
+    """Jitted (params, B x V x 224 x 224 x 3 views) -> softmax averaged over the V views."""
+
+    @jax.jit
+    def probabilities(params: Any, views_BxVxHxWxC: jax.Array) -> jax.Array:
+        b, v = views_BxVxHxWxC.shape[:2]
+        images = views_BxVxHxWxC.reshape(b * v, *views_BxVxHxWxC.shape[2:])
+        logits = model.apply({"params": params}, images, train=False)
+        return augment.average_crop_softmax(logits.reshape(b, v, -1))
+
+    return probabilities
+
+
+def pad_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    """Pads a short final batch to ``size`` and adds a 0/1 ``mask``."""
+    n = len(batch["labels"])
+    padded = {
+        k: np.concatenate([v, np.zeros((size - n, *v.shape[1:]), v.dtype)])
+        for k, v in batch.items()
+    }
+    padded["mask"] = (np.arange(size) < n).astype(np.float32)
+    return padded
