@@ -6,7 +6,6 @@ Process-level settings (not part of an experiment; alexnet_jax/tuning.py):
 ALEXNET_JAX_HOST_ALLOCATOR=auto|mimalloc|system, ALEXNET_JAX_CPU_CONVS=eigen|ynnpack.
 """
 
-import logging as std_logging
 import os
 import sys
 
@@ -14,20 +13,13 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from alexnet_jax import allocator, checkpoint, config_lib, train, tuning
+from alexnet_jax import allocator, checkpoint, cli, config_lib, train, tuning
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/demo.py.", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-class _QuietLibraries(std_logging.Filter):
-    """Drops orbax's per-save INFO chatter; its warnings and errors still show."""
-
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
 
 
 def initialize_distributed(config) -> None:
@@ -45,9 +37,9 @@ def initialize_distributed(config) -> None:
     )
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = cli.EXIT_USAGE) -> None:
     print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(code)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -85,7 +77,7 @@ def check_workdir(workdir: str) -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    cli.quiet_library_logs()
     try:
         config_lib.validate(_CONFIG.value)
         workdir = check_workdir(_WORKDIR.value)
@@ -104,11 +96,13 @@ def main(argv):
         tuning.SettingError,
         FileNotFoundError,
         checkpoint.WorkdirInUseError,
-        checkpoint.NoUsableCheckpointError,
         FloatingPointError,
     ) as e:
         logging.error("%s", e)
         _fail(str(e))
+    except checkpoint.NoUsableCheckpointError as e:
+        logging.error("%s", e)
+        _fail(str(e), cli.EXIT_NO_CHECKPOINT)
 
 
 if __name__ == "__main__":

@@ -326,7 +326,7 @@ def _train_and_evaluate(
     writer = metrics.MetricWriter(workdir, enabled=is_main)
     start_step = int(jax.device_get(state.step))
     logging.info(
-        "Training steps %d..%d (%d steps/epoch of %d images, %d epochs) on %s",
+        "Training steps %d..%d (%d steps/epoch of %d images, %.3g epochs) on %s",
         start_step,
         total_steps,
         steps_per_epoch,

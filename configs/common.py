@@ -44,7 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     config.batch_size = 128  # Global batch, split over the mesh's data axis.
     config.eval_batch_size = 256  # Global batch for validation.
-    config.num_epochs = 90  # Training length in epochs.
+    config.num_epochs = 90.0  # Training length in epochs (fractions allowed).
     config.max_steps = -1  # Stop after this many steps if > 0 (overrides num_epochs).
     config.learning_rate = 0.01  # Base learning rate.
     config.schedule = "constant"  # "constant", "plateau" (the paper's), "step" or "warmup_cosine".
@@ -72,7 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.distributed.process_id = -1  # This process's index (0 = coordinator); -1 = auto-detect.
 
     config.log_every_steps = 50  # Log a progress line (and write metrics) this often.
-    config.eval_every_epochs = 1  # Evaluate on the validation split this often (and at the end).
+    config.eval_every_epochs = 1.0  # Evaluate on the validation split this often (and at the end).
     config.checkpoint_every_steps = 1000  # Save a checkpoint this often (and at the end).
     config.keep_checkpoints = 3  # Keep this many latest checkpoints (and the best by val error).
     return config

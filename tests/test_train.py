@@ -151,3 +151,12 @@ def test_missing_prepared_data_names_the_prepare_command(tmp_path):
     assert result.returncode == 2
     assert "alexnet_jax.data.prepare" in result.stderr
     assert str(tmp_path / "nowhere") in result.stderr
+
+
+def test_epoch_fields_take_fractions_in_a_locked_config():
+    from configs import demo
+
+    config = demo.get_config()
+    config.lock()
+    config.num_epochs, config.eval_every_epochs = 0.5, 0.25  # An int field would refuse these.
+    assert (config.num_epochs, config.eval_every_epochs) == (0.5, 0.25)
