@@ -96,6 +96,7 @@ def main(argv):
         tuning.SettingError,
         FileNotFoundError,
         checkpoint.WorkdirInUseError,
+        checkpoint.CheckpointSaveError,
         FloatingPointError,
     ) as e:
         logging.error("%s", e)

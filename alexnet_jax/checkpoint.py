@@ -59,6 +59,10 @@ class NoUsableCheckpointError(RuntimeError):
     """The workdir holds checkpoints but none of them can be restored."""
 
 
+class CheckpointSaveError(RuntimeError):
+    """A background save failed (e.g. the disk is full): training must stop, cleanly."""
+
+
 class ConfigMismatchError(config_lib.ConfigError):
     """A relaunch changes config fields that define the model."""
 
@@ -205,7 +209,16 @@ class Checkpointer:
         """
         if not force and not self.manager.should_save(step):
             return False
-        saved = self.manager.save(
+        try:
+            saved = self._save(step, state, data_iter, config, metrics)
+        except Exception as e:  # noqa: BLE001 - a failed earlier save surfaces here too.
+            raise CheckpointSaveError(self._save_failure(e)) from None
+        if saved:
+            logging.info("Saving checkpoint at step %d to %s", step, self.directory)
+        return saved
+
+    def _save(self, step, state, data_iter, config, metrics) -> bool:
+        return self.manager.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
@@ -216,9 +229,6 @@ class Checkpointer:
             metrics=dict(metrics or {}),  # {}: not ranked (never "best"), and no orbax warning.
             force=True,
         )
-        if saved:
-            logging.info("Saving checkpoint at step %d to %s", step, self.directory)
-        return saved
 
     def saved_config(self, step: int) -> dict[str, Any]:
         """The config JSON saved with ``step``."""
@@ -361,7 +371,45 @@ class Checkpointer:
         shutil.move(source, os.path.join(target_dir, f"{step}-{int(time.time())}"))
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Blocks until background saves are done; CheckpointSaveError if one failed."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointSaveError(self._save_failure(e)) from None
+
+    def check_saves(self) -> None:
+        """Raises CheckpointSaveError if a background save has failed; call at step boundaries.
+
+        Without it, orbax reports a failed async save only when the next save
+        starts, up to ``checkpoint_every_steps`` later.
+        """
+        try:
+            self.manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise several types.
+            raise CheckpointSaveError(self._save_failure(e)) from None
+
+    def finished_steps(self) -> list[int]:
+        """Steps whose checkpoint directory is complete on disk (orbax renames it when done)."""
+        if not os.path.isdir(self.directory):
+            return []
+        return sorted(int(d) for d in os.listdir(self.directory) if d.isdigit())
+
+    def _save_failure(self, error: Exception) -> str:
+        reason = " ".join(str(error).split())
+        if "os_error_code='28'" in reason or "No space left" in reason:
+            reason = "no space left on the device (OSError ENOSPC)"
+        reason = reason[:300]
+        good = self.finished_steps()
+        last = (
+            f"The last complete checkpoint is step {good[-1]} ({self.directory}/{good[-1]}); a "
+            "relaunch of the same command resumes from it."
+            if good
+            else "No checkpoint was completed: a relaunch starts from scratch."
+        )
+        return (
+            f"Saving a checkpoint to {self.directory} failed, so training stopped: {reason}. "
+            f"{last} Free space or fix the directory first."
+        )
 
     def close(self) -> None:
         self.manager.close()

@@ -14,13 +14,20 @@ EXIT_NO_CHECKPOINT = 3  # The workdir holds no checkpoint that can be restored.
 
 
 class QuietLibraryLogs(std_logging.Filter):
-    """Keeps this package's INFO progress; from libraries warnings, from orbax only errors."""
+    """Keeps this package's INFO progress; from libraries warnings, from orbax only errors.
+
+    Orbax's errors lose their tracebacks: the failures they describe (a save that
+    hit a full disk, a damaged checkpoint) reach the user as this package's own
+    one-paragraph messages.
+    """
 
     def filter(self, record: std_logging.LogRecord) -> bool:
         if "/alexnet_jax/" in record.pathname or record.pathname.endswith("launch.py"):
             return True
-        threshold = std_logging.ERROR if "/orbax/" in record.pathname else std_logging.WARNING
-        return record.levelno >= threshold
+        if "/orbax/" in record.pathname:
+            record.exc_info, record.exc_text, record.stack_info = None, None, None
+            return record.levelno >= std_logging.ERROR
+        return record.levelno >= std_logging.WARNING
 
 
 def quiet_library_logs() -> None:

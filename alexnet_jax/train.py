@@ -343,6 +343,7 @@ def _train_and_evaluate(
     while step < total_steps:
         batch = sharding.global_batch(mesh, next(train_iter))
         state, step_metrics = train_fn(state, batch)
+        ckpt.check_saves()  # A failed background save stops the run at this step boundary.
         pending.append(step_metrics)
         step += 1
         if step == start_step + 1:

@@ -393,3 +393,41 @@ def test_relaunch_that_changes_the_model_fails_naming_the_fields(runs, tiny_demo
         )
         == TOTAL_STEPS
     )
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 1.5 MB tmpfs: too small for the tiny model's state (params + momentum ~1.8 MB)."""
+    mount_point = tmp_path / "small_fs"
+    mount_point.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1500k", "tmpfs", str(mount_point)],
+        capture_output=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode()[:200]}")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_a_full_disk_during_a_save_stops_the_run_with_one_message(small_filesystem, tiny_demo_dir):
+    workdir = small_filesystem / "run"
+    flags = tiny_launch_flags(tiny_demo_dir, workdir, max_steps=8, checkpoint_every_steps=2)
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "launch.py"), *flags],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    error = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert error == [
+        f"error: Saving a checkpoint to {workdir}/checkpoints failed, so training stopped: no "
+        "space left on the device (OSError ENOSPC). No checkpoint was completed: a relaunch "
+        "starts from scratch. Free space or fix the directory first."
+    ]
+    assert "Traceback" not in result.stderr
+    # Noticed at the save after the failed one at the latest (step 4), not 1000 steps later.
+    steps = [int(m) for m in re.findall(r"step (\d+)/8", result.stderr)]
+    assert max(steps) <= 4, steps
