@@ -10,7 +10,7 @@ import pytest
 from array_record.python.array_record_module import ArrayRecordReader
 from PIL import Image
 
-from alexnet_jax.data import pipeline, prepare, records
+from alexnet_jax.data import pipeline, prepare, records, writer
 from tests.conftest import SHARED_SAMPLES
 
 # The first six ILSVRC-2012 validation images' classes, so a miniature val
@@ -276,3 +276,56 @@ def test_real_imagenet_samples_prepare_and_decode(tmp_path):
         assert pipeline.decode_jpeg(example["image"]).shape == (256, 256, 3)
         wnid = classes[example["label"]]["id"]
         assert example["key"].split("/")[-1].startswith(wnid + "_")
+
+
+def _sixteen_bit_blocks() -> np.ndarray:
+    """256x256 uint16, constant on each JPEG 8x8 block (so storing it as JPEG is near exact)."""
+    by, bx = np.meshgrid(np.arange(32), np.arange(32), indexing="ij")
+    blocks = (bx * 32 + by) * 64  # 0 .. 65472, every block a different level.
+    return np.repeat(np.repeat(blocks, 8, 0), 8, 1).astype(np.uint16)
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I"])
+def test_high_depth_grayscale_is_scaled_not_clipped(mode):
+    values = _sixteen_bit_blocks()
+    if mode == "I;16B":
+        image = Image.frombytes(mode, (256, 256), values.astype(">u2").tobytes())
+    else:
+        image = Image.fromarray(values.astype(np.uint16 if mode == "I;16" else np.int32))
+    assert image.mode == mode
+    prepared = np.asarray(writer.resize_and_center_crop(image), int)
+    assert prepared.shape == (256, 256, 3)
+    np.testing.assert_allclose(prepared[..., 0], values / 257.0, atol=0.5 + 1e-9)
+    assert (prepared[..., 0] == prepared[..., 2]).all()
+
+
+def test_float_images_are_taken_as_0_to_1_when_they_fit():
+    values = np.linspace(0.0, 1.0, 256 * 256, dtype=np.float32).reshape(256, 256)
+    values[0, 0] = np.nan
+    prepared = np.asarray(writer.resize_and_center_crop(Image.fromarray(values)), int)
+    assert prepared[0, 0, 0] == 0
+    np.testing.assert_allclose(prepared[1:, :, 1], values[1:] * 255.0, atol=0.5 + 1e-6)
+    beyond = Image.fromarray(np.full((256, 256), 300.0, np.float32))
+    assert (np.asarray(writer.resize_and_center_crop(beyond)) == 255).all()
+
+
+@pytest.mark.parametrize("mode", ["P", "LA"])  # (PNG cannot hold PIL's PA.)
+def test_transparent_pixels_composite_onto_white(mode):
+    rgba = np.zeros((256, 256, 4), np.uint8)
+    rgba[:, :128] = (40, 40, 40, 255)  # Opaque dark left half, transparent right half.
+    image = Image.fromarray(rgba)
+    if mode == "P":
+        image = image.convert("P")
+        image.info["transparency"] = image.getpixel((200, 0))
+    else:
+        image = image.convert(mode)
+    prepared, _ = prepare.prepare_image(_png(image))
+    pixels = np.asarray(prepared, int)
+    assert np.abs(pixels[:, :100] - 40).max() <= 2, mode
+    assert (pixels[:, 156:] == 255).all(), mode

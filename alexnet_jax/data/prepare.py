@@ -60,7 +60,7 @@ VAL_NUMBER = re.compile(r"ILSVRC2012_val_(\d{8})")
 
 # What can happen to one input file. Converted files are kept; bad ones are
 # listed in metadata["bad_files"] and left out.
-CONVERTED_KINDS = ("grayscale", "cmyk", "other_mode", "not_jpeg")
+CONVERTED_KINDS = ("grayscale", "cmyk", "other_mode", "high_depth", "not_jpeg")
 BAD_KINDS = ("empty", "truncated", "undecodable", "unknown_label")
 
 
@@ -346,7 +346,9 @@ def prepare_image(data: bytes, size: int = writer.PREPARED_SIZE) -> tuple[Image.
         truncated = "truncated" in message.lower() or isinstance(e, EOFError)
         kind = "truncated" if truncated else "undecodable"
         raise BadImageError(kind, f"{type(e).__name__}: {message}") from None
-    if image.mode in ("L", "LA", "1", "I", "I;16", "F"):
+    if image.mode in writer.HIGH_DEPTH_MODES:
+        conversions.append("high_depth")  # Scaled to 8 bits by resize_and_center_crop.
+    if image.mode in ("L", "LA", "1", *writer.HIGH_DEPTH_MODES):
         conversions.append("grayscale")
     elif image.mode == "CMYK":
         conversions.append("cmyk")

@@ -18,11 +18,36 @@ from alexnet_jax.data import records
 
 PREPARED_SIZE = 256
 JPEG_QUALITY = 90
+# Single-channel modes holding more than 8 bits: PIL's convert("RGB") clips
+# them to 0-255 instead of scaling, which turns a 16-bit image white.
+SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+HIGH_DEPTH_MODES = (*SIXTEEN_BIT_MODES, "F")
+
+
+def to_8_bits(image: Image.Image) -> Image.Image:
+    """A high-depth grayscale image as mode L, scaled (not clipped) to 0-255.
+
+    16-bit and ``I`` values (PIL opens 16-bit PNG, TIFF and PGM as these) map
+    v -> round(v / 257), so 65535 is 255. ``F`` is taken as 0-1 when it fits
+    there (the float convention) and as 0-255 otherwise; NaN is black.
+    Other modes are returned unchanged.
+    """
+    if image.mode not in HIGH_DEPTH_MODES:
+        return image
+    values = np.asarray(image).astype(np.float64)
+    if image.mode == "F":
+        finite = values[np.isfinite(values)]
+        if finite.size and finite.min() >= 0.0 and finite.max() <= 1.0:
+            values = values * 255.0
+        values = np.nan_to_num(values, nan=0.0, posinf=255.0, neginf=0.0)
+    else:
+        values = np.clip(values, 0, 65535) / 257.0
+    return Image.fromarray(np.rint(np.clip(values, 0, 255)).astype(np.uint8))
 
 
 def resize_and_center_crop(image: Image.Image, size: int = PREPARED_SIZE) -> Image.Image:
     """Sec. 2: rescale the shorter side to ``size``, then cut the central square."""
-    image = image.convert("RGB")
+    image = to_8_bits(image).convert("RGB")
     w, h = image.size
     scale = size / min(w, h)
     new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
