@@ -3,6 +3,7 @@
 import functools
 import io
 import os
+import re
 import tarfile
 
 import numpy as np
@@ -329,3 +330,67 @@ def test_transparent_pixels_composite_onto_white(mode):
     pixels = np.asarray(prepared, int)
     assert np.abs(pixels[:, :100] - 40).max() <= 2, mode
     assert (pixels[:, 156:] == 255).all(), mode
+
+
+# ---------------------------------------------------------------------------
+# Paths that cannot be read, files that are not images, and failing workers.
+
+WNIDS = ("n01440764", "n01443537")
+
+
+def _small_source(root: str) -> list[str]:
+    """Two classes of good images (one a 16-bit PNG); the keys prepare must write."""
+    keys = []
+    for c, wnid in enumerate(WNIDS):
+        for i in range(2):
+            _write(os.path.join(root, "train", wnid, f"{wnid}_{i}.JPEG"), _jpeg(40 + 2 * c + i))
+            keys.append(f"train/{wnid}/{wnid}_{i}.JPEG")
+        _write(os.path.join(root, "val", wnid, f"val_{wnid}.JPEG"), _jpeg(60 + c))
+    deep = _png(Image.fromarray(_sixteen_bit_blocks()))  # Saved as a 16-bit grayscale PNG.
+    _write(os.path.join(root, "train", WNIDS[1], "deep.png"), deep)
+    return sorted([*keys, f"train/{WNIDS[1]}/deep.png"])
+
+
+def _make_directory(path: str) -> None:
+    os.makedirs(path)
+
+
+def _make_dangling_symlink(path: str) -> None:
+    os.symlink(os.path.join(os.path.dirname(path), "gone.JPEG"), path)
+
+
+def _make_unreadable(path: str) -> None:
+    if os.geteuid() == 0:
+        pytest.skip("root reads a chmod 000 file")
+    _write(path, _jpeg(70))
+    os.chmod(path, 0)
+
+
+# name in the first class folder -> (how to make it, what its reason must say)
+UNREADABLE = {
+    "x.JPEG": (_make_directory, "a directory"),
+    "link.JPEG": (_make_dangling_symlink, "broken symbolic link.*gone.JPEG"),
+    "locked.JPEG": (_make_unreadable, "no permission"),
+    "pipe.JPEG": (os.mkfifo, "named pipe"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNREADABLE))
+def test_an_unreadable_path_is_a_bad_file_and_the_run_finishes(tmp_path, name):
+    make, reason = UNREADABLE[name]
+    good = _small_source(str(tmp_path / "src"))
+    try:
+        make(str(tmp_path / "src" / "train" / WNIDS[0] / name))
+        out = str(tmp_path / "out")
+        metadata = prepare.prepare(str(tmp_path / "src"), out, examples_per_shard=3, num_workers=0)
+    finally:
+        locked = tmp_path / "src" / "train" / WNIDS[0] / "locked.JPEG"
+        if locked.exists():
+            locked.chmod(0o644)  # So pytest can clean up.
+    assert records.read_metadata(out) is not None  # Finished and marked complete.
+    assert sorted(e["key"] for e in _read_shards(out, "train", metadata)) == good
+    (bad,) = metadata["bad_files"]
+    assert bad["key"] == f"train/{WNIDS[0]}/{name}" and bad["kind"] == "unreadable"
+    assert re.search(reason, bad["reason"]), bad["reason"]
+    assert metadata["summary"]["train"]["unreadable"] == 1
+    assert metadata["summary"]["train"]["written"] == len(good)

@@ -36,6 +36,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import stat
 import sys
 import tarfile
 import time
@@ -61,7 +62,7 @@ VAL_NUMBER = re.compile(r"ILSVRC2012_val_(\d{8})")
 # What can happen to one input file. Converted files are kept; bad ones are
 # listed in metadata["bad_files"] and left out.
 CONVERTED_KINDS = ("grayscale", "cmyk", "other_mode", "high_depth", "not_jpeg")
-BAD_KINDS = ("empty", "truncated", "undecodable", "unknown_label")
+BAD_KINDS = ("unreadable", "empty", "truncated", "undecodable", "unknown_label")
 
 
 class SourceError(ValueError):
@@ -366,6 +367,17 @@ def prepare_image(data: bytes, size: int = writer.PREPARED_SIZE) -> tuple[Image.
 # One shard: read, convert, write atomically, then its statistics and report.
 
 
+def _read_regular_file(path: str) -> bytes:
+    """The file's bytes; OSError for anything but a regular file (a pipe would block forever)."""
+    nonblocking = getattr(os, "O_NONBLOCK", 0)  # Opening a pipe returns at once.
+    with open(path, "rb", opener=lambda p, flags: os.open(p, flags | nonblocking)) as f:
+        mode = os.fstat(f.fileno()).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a named pipe" if stat.S_ISFIFO(mode) else "a device or socket"
+            raise OSError(f"not a regular file but {kind}")
+        return f.read()
+
+
 class _Reader:
     """Reads referenced images, keeping files and tfds sources open across reads."""
 
@@ -377,8 +389,7 @@ class _Reader:
     def read(self, ref: tuple) -> tuple[bytes, int, str]:
         if ref[0] == "file":
             _, path, label, key = ref
-            with open(path, "rb") as f:
-                return f.read(), label, key
+            return _read_regular_file(path), label, key
         if ref[0] == "tar":
             _, path, offset, size, label, key = ref
             if path not in self._files:
@@ -397,6 +408,43 @@ class _Reader:
     def close(self) -> None:
         for f in self._files.values():
             f.close()
+
+
+def _ref_key(ref: tuple, split: str) -> str:
+    """The key a reference is reported under when it cannot even be read."""
+    return f"{split}/{ref[1]}" if ref[0] == "tfds" else ref[-1]
+
+
+def _read_error_reason(ref: tuple, error: OSError) -> str:
+    """Why a referenced file could not be read, in words (a directory, a broken link...)."""
+    path = ref[1] if ref[0] in ("file", "tar") else None
+    if path and os.path.islink(path) and not os.path.exists(path):
+        return f"broken symbolic link (its target {os.readlink(path)!r} does not exist)"
+    detail = f"{type(error).__name__}: {error.strerror or error}"
+    if isinstance(error, IsADirectoryError):
+        return f"a directory, not an image file ({detail})"
+    if isinstance(error, PermissionError):
+        return f"no permission to read it ({detail})"
+    return f"cannot be read ({detail})"
+
+
+def _read(reader: _Reader, ref: tuple) -> tuple[bytes, int, str]:
+    """``reader.read``, with an OS error (a directory, a broken link, no permission) a bad file."""
+    try:
+        return reader.read(ref)
+    except OSError as e:
+        raise BadImageError("unreadable", _read_error_reason(ref, e)) from None
+
+
+def _prepare_file(data: bytes, key: str) -> tuple[Image.Image, list[str]]:
+    """``prepare_image``, with any error decoding or converting one file a bad file, never fatal."""
+    try:
+        return prepare_image(data)
+    except BadImageError:
+        raise
+    except Exception as e:  # e.g. a mode PIL cannot convert ('La'); logged in case it is a bug.
+        logging.warning("%s could not be prepared", key, exc_info=True)
+        raise BadImageError("undecodable", f"{type(e).__name__}: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -436,10 +484,11 @@ def prepare_shard(task: ShardTask) -> tuple[str, int, dict[str, Any]]:
 
     def examples() -> Iterator[tuple[bytes, int, str]]:
         for ref in task.refs:
-            data, label, key = reader.read(ref)
+            key = _ref_key(ref, task.split)
             try:
-                image, conversions = prepare_image(data)
-            except BadImageError as e:
+                data, label, key = _read(reader, ref)
+                image, conversions = _prepare_file(data, key)
+            except BadImageError as e:  # One file's fault, whatever it is: listed, never fatal.
                 counts[e.kind] += 1
                 bad_files.append({"key": key, "kind": e.kind, "reason": e.reason})
                 continue
