@@ -5,6 +5,7 @@ import io
 import os
 import re
 import tarfile
+import time
 
 import numpy as np
 import pytest
@@ -394,3 +395,34 @@ def test_an_unreadable_path_is_a_bad_file_and_the_run_finishes(tmp_path, name):
     assert re.search(reason, bad["reason"]), bad["reason"]
     assert metadata["summary"]["train"]["unreadable"] == 1
     assert metadata["summary"]["train"]["written"] == len(good)
+
+
+def test_a_failing_worker_ends_the_run_at_once_naming_its_shard(tmp_path):
+    _small_source(str(tmp_path / "src"))
+    out = tmp_path / "out"
+    # The first shard's report cannot be written: a bug-like fault of the worker, not of a file.
+    report = records.shard_filename("train", 0, 3) + ".json.tmp"
+    os.makedirs(out / prepare.PROGRESS_DIR / report)
+    start = time.time()
+    with pytest.raises(prepare.WorkerError, match=r"(?s)train shard 1 of 3.*IsADirectoryError"):
+        prepare.prepare(str(tmp_path / "src"), str(out), examples_per_shard=2, num_workers=2)
+    assert time.time() - start < 60
+    assert records.read_metadata(str(out)) is None
+
+
+def test_map_unordered_yields_every_result():
+    assert sorted(prepare.map_unordered(abs, [-1, -2, 3, -4], 2)) == [1, 2, 3, 4]
+
+
+def test_map_unordered_cancels_the_rest_on_the_first_failure():
+    # time.sleep(-1) raises; the 40 three-second sleeps would take 60 s on two workers.
+    start = time.time()
+    with pytest.raises(prepare.WorkerError, match="(?s)preparing -1 failed.*non-negative"):
+        for _ in prepare.map_unordered(time.sleep, [-1] + [3] * 40, 2):
+            pass
+    assert time.time() - start < 30
+
+
+def test_map_unordered_reports_a_worker_that_died():
+    with pytest.raises(prepare.WorkerError, match="worker process died while preparing 3"):
+        list(prepare.map_unordered(os._exit, [3], 1))

@@ -28,6 +28,8 @@ result is bit-identical to an uninterrupted run.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -40,8 +42,9 @@ import stat
 import sys
 import tarfile
 import time
+import traceback
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -67,6 +70,10 @@ BAD_KINDS = ("unreadable", "empty", "truncated", "undecodable", "unknown_label")
 
 class SourceError(ValueError):
     """The --source path is missing or is not one of the accepted layouts."""
+
+
+class WorkerError(RuntimeError):
+    """A worker process failed on a whole task: a bug or a broken machine, not a bad file."""
 
 
 class BadImageError(Exception):
@@ -527,6 +534,59 @@ def _load_report(output_dir: str, split: str, index: int, num_shards: int) -> di
 
 
 # ---------------------------------------------------------------------------
+# Worker processes.
+
+
+def _call_reporting_errors(fn: Callable[[Any], Any], task: Any) -> tuple[bool, Any]:
+    """Runs in a worker: (True, fn(task)), or (False, the traceback as text) if it raised.
+
+    Errors come back as plain results, so an exception that does not pickle
+    cannot break the pool and the parent always learns what went wrong.
+    """
+    try:
+        return True, fn(task)
+    except Exception:
+        return False, traceback.format_exc()
+
+
+def map_unordered(
+    fn: Callable[[Any], Any],
+    tasks: Sequence[Any],
+    num_workers: int,
+    describe: Callable[[Any], str] = repr,
+) -> Iterator[Any]:
+    """Yields fn(task) for every task, as each finishes, from ``num_workers`` spawned processes.
+
+    The first task that fails cancels every task not yet started and raises
+    WorkerError naming it, once the running ones return (each is one shard,
+    kept for a resume). A ProcessPoolExecutor, not multiprocessing.Pool:
+    Pool.terminate() can deadlock against the pool's task-feeder thread.
+    """
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context) as executor:
+        try:
+            futures = {executor.submit(_call_reporting_errors, fn, t): t for t in tasks}
+            for future in concurrent.futures.as_completed(futures):
+                task = futures[future]
+                try:
+                    ok, value = future.result()
+                except concurrent.futures.BrokenExecutor as e:  # A worker process died.
+                    raise WorkerError(
+                        f"a worker process died while preparing {describe(task)} "
+                        f"(killed, out of memory, or crashed): {e}"
+                    ) from None
+                if not ok:
+                    raise WorkerError(f"preparing {describe(task)} failed:\n{value}")
+                yield value
+        finally:
+            executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _describe_task(task: ShardTask) -> str:
+    return f"{task.split} shard {task.index + 1} of {task.num_shards} ({_shard_path(task)})"
+
+
+# ---------------------------------------------------------------------------
 # The whole run.
 
 
@@ -650,19 +710,14 @@ def prepare(
     )
     progress = _Progress(total_images, done_images)
     if num_workers == 0:
-        results = map(prepare_shard, tasks)
-        pool = None
+        results = (prepare_shard(task) for task in tasks)
     else:
-        pool = multiprocessing.get_context("spawn").Pool(num_workers or os.cpu_count())
-        results = pool.imap_unordered(prepare_shard, tasks)
-    try:
+        workers = num_workers or os.cpu_count() or 1
+        results = map_unordered(prepare_shard, tasks, workers, _describe_task)
+    with contextlib.closing(results):  # Closing map_unordered stops its workers.
         for split, index, report in results:
             reports[(split, index)] = report
             progress.update(report["count"] + len(report["bad_files"]), len(reports), total_shards)
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
     progress.update(0, len(reports), total_shards, force=True)
     class_names = read_class_names(class_names_file) or _names_beside(spec)
     metadata = _finish(
@@ -782,7 +837,7 @@ def main(argv: Sequence[str]) -> None:
             class_names_file=FLAGS.class_names_file,
             tfds_data_dir=FLAGS.tfds_data_dir,
         )
-    except SourceError as e:
+    except (SourceError, WorkerError) as e:
         sys.exit(f"error: {e}")
 
 
