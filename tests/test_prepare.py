@@ -4,6 +4,8 @@ import functools
 import io
 import os
 import re
+import subprocess
+import sys
 import tarfile
 import time
 
@@ -13,7 +15,7 @@ from array_record.python.array_record_module import ArrayRecordReader
 from PIL import Image
 
 from alexnet_jax.data import pipeline, prepare, records, writer
-from tests.conftest import SHARED_SAMPLES
+from tests.conftest import ROOT, SHARED_SAMPLES
 
 # The first six ILSVRC-2012 validation images' classes, so a miniature val
 # tar labelled from the tfds copy of validation_labels.txt has known labels.
@@ -395,6 +397,38 @@ def test_an_unreadable_path_is_a_bad_file_and_the_run_finishes(tmp_path, name):
     assert re.search(reason, bad["reason"]), bad["reason"]
     assert metadata["summary"]["train"]["unreadable"] == 1
     assert metadata["summary"]["train"]["written"] == len(good)
+
+
+def test_cli_reports_every_kind_and_stores_16_bit_pngs_scaled(tmp_path):
+    good = _small_source(str(tmp_path / "src"))
+    first_class = tmp_path / "src" / "train" / WNIDS[0]
+    os.makedirs(first_class / "x.JPEG")
+    _make_dangling_symlink(str(first_class / "link.JPEG"))
+    (first_class / "notes.txt").write_text("not an image")
+    (tmp_path / "src" / "val" / "README").write_text("beside the class folders")
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "alexnet_jax.data.prepare", f"--source={tmp_path / 'src'}"]
+    command += [f"--output_dir={out}", "--examples_per_shard=2", "--num_workers=2"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "skipped (not an image extension): 1" in run.stdout  # In train and in val.
+    assert f"bad file train/{WNIDS[0]}/x.JPEG: unreadable (a directory" in run.stdout
+    assert f"bad file train/{WNIDS[0]}/link.JPEG: unreadable (broken symbolic link" in run.stdout
+
+    metadata = records.read_metadata(str(out))
+    assert metadata["skipped_files"] == {
+        "count": 2,
+        "examples": [f"train/{WNIDS[0]}/notes.txt", "val/README"],
+    }
+    summary = metadata["summary"]
+    assert summary["train"]["skipped"] == 1 and summary["val"]["skipped"] == 1
+    assert summary["train"]["unreadable"] == 2 and summary["train"]["written"] == len(good)
+    assert summary["train"]["high_depth"] == 1 and summary["val"]["written"] == 2
+    train = {e["key"]: e for e in _read_shards(str(out), "train", metadata)}
+    assert sorted(train) == good
+    stored = pipeline.decode_jpeg(train[f"train/{WNIDS[1]}/deep.png"]["image"]).astype(int)
+    expected = _sixteen_bit_blocks() / 257.0  # 256x256 already: no resize, no crop.
+    assert np.abs(stored - expected[..., None]).max() <= 1.0
 
 
 def test_a_failing_worker_ends_the_run_at_once_naming_its_shard(tmp_path):

@@ -16,8 +16,9 @@ Each image gets Sec. 2's preprocessing (shorter side to 256, central
 256x256 patch) and is stored as a JPEG in ``{split}-NNNNN-of-NNNNN.array_record``
 (see ``records.py``). ``metadata.json``, written last, holds the class order
 and names, per-split counts, the training set's mean image (``mean_image.npy``)
-and RGB eigen-decomposition (for PCA colour augmentation), and every file
-that could not be used, with the reason.
+and RGB eigen-decomposition (for PCA colour augmentation), every file that
+could not be used, with the reason (a bad file never stops the run), and how
+many files were skipped for not having an image extension.
 
 Shards are prepared in parallel (one process per core), each written
 atomically, with its statistics saved beside it; an interrupted run re-run
@@ -60,6 +61,7 @@ TFDS_SPLITS = {"train": "train", "val": "validation"}
 PROGRESS_DIR = "_progress"
 DEFAULT_EXAMPLES_PER_SHARD = 1024
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+SKIPPED_EXAMPLES = 10  # Skipped files named in metadata.json; all are counted.
 VAL_NUMBER = re.compile(r"ILSVRC2012_val_(\d{8})")
 
 # What can happen to one input file. Converted files are kept; bad ones are
@@ -154,6 +156,8 @@ class SourceListing:
     classes: list[str]  # wnids in label order
     items: dict[str, list[tuple]]  # split -> references
     unknown_label: dict[str, list[tuple[str, str]]]  # split -> [(key, reason)]
+    # split -> keys of entries left out for not being images (notes.txt, a stray folder).
+    skipped: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
 
 def detect_source(source: str, tfds_data_dir: str | None) -> SourceSpec:
@@ -188,6 +192,17 @@ def _is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def _image_names(directory: str, prefix: str, skipped: list[str]) -> list[str]:
+    """The image-named entries of ``directory``, sorted; every other entry's key goes to skipped."""
+    names = []
+    for name in sorted(os.listdir(directory)):
+        if _is_image_name(name):
+            names.append(name)
+        else:
+            skipped.append(f"{prefix}/{name}")
+    return names
+
+
 def _list_tars(spec: SourceSpec, splits: Sequence[str]) -> SourceListing:
     train_tar, val_tar = (
         os.path.join(spec.location, TRAIN_TAR),
@@ -197,9 +212,12 @@ def _list_tars(spec: SourceSpec, splits: Sequence[str]) -> SourceListing:
         raise SourceError(f"{train_tar} is missing: the class list and statistics come from it")
     logging.info("Indexing %s (reads tar headers only)...", train_tar)
     by_class: dict[str, list[tuple[str, int, int]]] = {}
+    skipped: dict[str, list[str]] = collections.defaultdict(list)
     with tarfile.open(train_tar, mode="r:") as outer:
         for member in outer:
             if not member.isfile() or not member.name.endswith(".tar"):
+                if member.isfile():
+                    skipped["train"].append(f"train/{member.name}")
                 continue
             wnid = os.path.basename(member.name)[: -len(".tar")]
             entries = []
@@ -236,7 +254,7 @@ def _list_tars(spec: SourceSpec, splits: Sequence[str]) -> SourceListing:
                 items["val"].append(("tar", val_tar, offset, size, label_of[wnid], key))
             else:
                 unknown["val"].append((key, f"validation label {wnid!r} is not a training class"))
-    return SourceListing(spec, classes, items, dict(unknown))
+    return SourceListing(spec, classes, items, dict(unknown), dict(skipped))
 
 
 def _list_folder(spec: SourceSpec, splits: Sequence[str]) -> SourceListing:
@@ -250,16 +268,19 @@ def _list_folder(spec: SourceSpec, splits: Sequence[str]) -> SourceListing:
     label_of = {wnid: i for i, wnid in enumerate(classes)}
     items: dict[str, list[tuple]] = {}
     unknown: dict[str, list[tuple[str, str]]] = collections.defaultdict(list)
+    skipped: dict[str, list[str]] = collections.defaultdict(list)
     for split in splits:
         root = os.path.join(spec.location, split)
         if not os.path.isdir(root):
             raise SourceError(f"{root} is missing (or leave {split!r} out of --splits)")
         items[split] = []
-        subdirs = sorted(e.name for e in os.scandir(root) if e.is_dir())
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+        subdirs = [e.name for e in entries if e.is_dir()]
         if subdirs:
+            skipped[split] += [f"{split}/{e.name}" for e in entries if not e.is_dir()]
             for wnid in subdirs:
-                names = sorted(n for n in os.listdir(os.path.join(root, wnid)) if _is_image_name(n))
-                for name in names:
+                directory = os.path.join(root, wnid)
+                for name in _image_names(directory, f"{split}/{wnid}", skipped[split]):
                     key = f"{split}/{wnid}/{name}"
                     if wnid not in label_of:
                         unknown[split].append(
@@ -270,13 +291,13 @@ def _list_folder(spec: SourceSpec, splits: Sequence[str]) -> SourceListing:
                     items[split].append(("file", path, label_of[wnid], key))
         else:  # A flat folder of ILSVRC2012_val_*.JPEG, labelled from the tfds copy.
             val_wnids = ilsvrc2012_validation_wnids()
-            for name in sorted(n for n in os.listdir(root) if _is_image_name(n)):
+            for name in _image_names(root, split, skipped[split]):
                 key, wnid = f"{split}/{name}", _val_wnid(name, val_wnids)
                 if wnid in label_of:
                     items[split].append(("file", os.path.join(root, name), label_of[wnid], key))
                 else:
                     unknown[split].append((key, f"no known label for {name!r} ({wnid})"))
-    return SourceListing(spec, classes, items, dict(unknown))
+    return SourceListing(spec, classes, items, dict(unknown), dict(skipped))
 
 
 def open_tfds(spec: SourceSpec, split: str):
@@ -777,7 +798,9 @@ def _finish(
         summary[split] = {
             "written": written,
             **{k: counts.get(k, 0) for k in CONVERTED_KINDS + BAD_KINDS},
+            "skipped": len(listing.skipped.get(split, [])),
         }
+    skipped = [key for split in listing.items for key in listing.skipped.get(split, [])]
     metadata = {
         "name": name,
         "source_kind": listing.spec.kind,
@@ -788,6 +811,8 @@ def _finish(
         "splits": splits,
         **stats.to_metadata(output_dir),
         "bad_files": bad_files,
+        # Not image files by their extension, so never read: how many, and a few of them.
+        "skipped_files": {"count": len(skipped), "examples": skipped[:SKIPPED_EXAMPLES]},
         "summary": summary,
         "preparation": {"fingerprint": fingerprint, "examples_per_shard": examples_per_shard},
     }
@@ -801,11 +826,21 @@ def _log_summary(metadata: dict[str, Any]) -> None:
     for split, counts in metadata["summary"].items():
         converted = ", ".join(f"{k} {counts[k]}" for k in CONVERTED_KINDS)
         bad = ", ".join(f"{k} {counts[k]}" for k in BAD_KINDS)
-        lines.append(f"  {split}: {counts['written']} written; converted: {converted}; bad: {bad}")
+        lines.append(
+            f"  {split}: {counts['written']} written; converted: {converted}; bad: {bad}; "
+            f"skipped (not an image extension): {counts['skipped']}"
+        )
     for bad in metadata["bad_files"][:20]:
         lines.append(f"  bad file {bad['key']}: {bad['kind']} ({bad['reason']})")
     if len(metadata["bad_files"]) > 20:
         lines.append(f"  ... and {len(metadata['bad_files']) - 20} more in metadata.json")
+    skipped = metadata["skipped_files"]
+    if skipped["count"]:
+        more = skipped["count"] - len(skipped["examples"])
+        lines.append(
+            f"  skipped {skipped['count']} files, e.g. {', '.join(skipped['examples'])}"
+            + (f" and {more} more" if more else "")
+        )
     print("\n".join(lines), flush=True)
 
 
