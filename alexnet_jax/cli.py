@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import logging as std_logging
+import sys
+import threading
+import traceback
+from typing import Any
 
 from absl import logging
 
@@ -30,6 +34,35 @@ class QuietLibraryLogs(std_logging.Filter):
         return record.levelno >= std_logging.WARNING
 
 
+def _from_orbax_leftovers(exc_traceback: Any, exc_value: BaseException | None) -> bool:
+    """Whether an exception is orbax's async machinery cleaning up after a failed restore."""
+    files = [frame.f_code.co_filename for frame, _ in traceback.walk_tb(exc_traceback)]
+    closed_loop = isinstance(exc_value, RuntimeError) and "Event loop is closed" in str(exc_value)
+    return closed_loop or any("/orbax/" in f for f in files)
+
+
+def _quiet_unraisable(unraisable: Any, default: Any = sys.unraisablehook) -> None:
+    if _from_orbax_leftovers(unraisable.exc_traceback, unraisable.exc_value):
+        logging.debug("orbax left an exception behind: %s", unraisable.exc_value)
+        return
+    default(unraisable)
+
+
+def _quiet_thread_exceptions(args: Any, default: Any = threading.excepthook) -> None:
+    if _from_orbax_leftovers(args.exc_traceback, args.exc_value):
+        logging.debug("orbax thread ended with: %s", args.exc_value)
+        return
+    default(args)
+
+
 def quiet_library_logs() -> None:
-    """Installs ``QuietLibraryLogs`` on absl's handler (call at the start of ``main``)."""
+    """Installs ``QuietLibraryLogs`` on absl's handler (call at the start of ``main``).
+
+    Also keeps orbax's left-over exceptions out of the output: after a failed
+    restore its pending coroutines and threads end with tracebacks ("Exception
+    ignored in", "Event loop is closed") that say nothing the user's one-line
+    message does not already say.
+    """
     logging.get_absl_handler().addFilter(QuietLibraryLogs())
+    sys.unraisablehook = _quiet_unraisable
+    threading.excepthook = _quiet_thread_exceptions

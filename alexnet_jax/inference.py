@@ -20,7 +20,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from PIL import Image
 
 from alexnet_jax import checkpoint, tuning
 from alexnet_jax.data import augment, pipeline, writer
@@ -28,8 +27,8 @@ from alexnet_jax.model import AlexNet
 from configs import common
 
 CROP_SIZE = pipeline.CROP_SIZE
-# Errors PIL raises for files that are missing, not images, truncated or corrupt.
-IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+# Errors for image files that are missing, unreadable, not images, truncated or corrupt.
+IMAGE_ERRORS = (OSError, writer.BadImageError)
 
 
 def build_model(
@@ -174,7 +173,8 @@ def load_trained(
             except MissingConfigError:
                 raise  # A config the user must give: not damage.
             except Exception as e:  # noqa: BLE001 - any read failure: this step is unusable.
-                failures.append((candidate, f"{type(e).__name__}: {str(e)[:300]}"))
+                reason = " ".join(str(e).split(" See full TensorStore details")[0].split())
+                failures.append((candidate, f"{type(e).__name__}: {reason[:300]}"))
                 logging.warning(
                     "Checkpoint at step %d in %s could not be restored (%s)%s",
                     candidate,
@@ -213,13 +213,16 @@ def load_trained(
 
 
 def read_image(path: str) -> np.ndarray:
-    """An image file -> uint8 256x256x3, prepared as the training data (Sec. 2).
+    """An image file -> uint8 256x256x3, prepared exactly as the training data (Sec. 2).
 
-    Raises one of ``IMAGE_ERRORS`` for a missing, non-image or broken file.
+    The same function as ``prepare`` (``writer.prepare_image``: decode, mode
+    conversion, alpha onto white, resize, central crop), except that a photo's
+    EXIF orientation is honoured. Raises one of ``IMAGE_ERRORS``.
     """
-    with Image.open(path) as image:
-        image.load()  # Decode now, so a truncated file fails here.
-        return np.asarray(writer.resize_and_center_crop(image), np.uint8)
+    with open(path, "rb") as f:
+        data = f.read()
+    image, _ = writer.prepare_image(data, honour_exif_orientation=True)
+    return np.asarray(image, np.uint8)
 
 
 def make_probabilities_fn(model: AlexNet):

@@ -25,6 +25,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from alexnet_jax import checkpoint, cli, inference, tuning
+from alexnet_jax.data import writer
 
 TOP_K = 5
 
@@ -97,7 +98,7 @@ def predict_files(
                 batch_paths.append(path)
             except inference.IMAGE_ERRORS as e:
                 logging.warning("Skipping %s: %s", path, e)
-                errors.append({"path": path, "error": f"{type(e).__name__}: {e}"})
+                errors.append({"path": path, "error": describe_image_error(e)})
         if images:
             probabilities = predict_probabilities(
                 trained,
@@ -119,6 +120,13 @@ def predict_files(
                 elapsed / done * (len(paths) - done),
             )
     return results, errors
+
+
+def describe_image_error(error: Exception) -> str:
+    """``undecodable: not a recognisable image format``, ``FileNotFoundError: ...``."""
+    if isinstance(error, writer.BadImageError):
+        return f"{error.kind}: {error.reason}"
+    return f"{type(error).__name__}: {error}"
 
 
 def format_text(results: Sequence[dict[str, Any]], errors: Sequence[dict[str, str]]) -> str:

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from alexnet_jax import inference, predict
-from alexnet_jax.data import augment, pipeline, records
+from alexnet_jax.data import augment, pipeline, records, writer
 from tests.conftest import ROOT, SHARED_SAMPLES
 
 
@@ -117,7 +117,7 @@ def test_bad_files_are_reported_by_path_and_the_rest_processed(trained, val_pngs
     assert [r["path"] for r in results] == [paths[0], paths[1]]
     bad = {e["path"]: e["error"] for e in errors}
     assert list(bad) == [str(text), str(truncated), missing, str(empty), str(tmp_path)]
-    assert "UnidentifiedImageError" in bad[str(text)]
+    assert bad[str(text)] == "undecodable: not a recognisable image format"
     assert "truncated" in bad[str(truncated)].lower()
     assert "FileNotFoundError" in bad[missing]
 
@@ -210,3 +210,41 @@ def test_a_damaged_checkpoint_falls_back_as_training_does(tiny_trained_workdir, 
     )  # fmt: skip
     assert evaluate.returncode == 3, evaluate.stderr[-3000:]
     assert "could be restored" in evaluate.stderr and "Traceback" not in evaluate.stderr
+
+
+def _photo(size=(900, 700)):
+    rng = np.random.default_rng(5)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def test_predict_prepares_a_file_exactly_as_prepare_does(tmp_path):
+    rgba = np.zeros((300, 400, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, np.linspace(0, 255, 400).astype(np.uint8)[None, :]
+    gradient = (np.linspace(0, 65535, 400)[None, :] * np.ones((300, 1))).astype(np.uint16)
+    cases = {
+        "rgba.png": Image.fromarray(rgba, "RGBA"),
+        "sixteen_bit.png": Image.fromarray(gradient),  # Mode I;16.
+        "large.jpg": _photo((2000, 1200)),  # Decoded at a reduced DCT scale.
+        "cmyk.jpg": _photo().convert("CMYK"),
+    }
+    for name, image in cases.items():
+        path = tmp_path / name
+        image.save(path)
+        trained_on, _ = writer.prepare_image(path.read_bytes())  # What prepare stores (pre-JPEG).
+        np.testing.assert_array_equal(inference.read_image(str(path)), np.asarray(trained_on))
+    # Scaled, not clipped to white: the central crop spans 12.5%-87.5% of the 0-65535 ramp.
+    ramp = inference.read_image(str(tmp_path / "sixteen_bit.png"))[..., 0]
+    assert 28 <= ramp.min() <= 38 and 217 <= ramp.max() <= 227, (ramp.min(), ramp.max())
+
+
+def test_predict_honours_exif_orientation_and_training_data_does_not(tmp_path):
+    image = _photo((400, 300))
+    exif = image.getexif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display.
+    path = tmp_path / "phone.jpg"
+    image.save(path, exif=exif, quality=95)
+    upright = inference.read_image(str(path))
+    as_stored, _ = writer.prepare_image(path.read_bytes())
+    rotated, _ = writer.prepare_image(path.read_bytes(), honour_exif_orientation=True)
+    np.testing.assert_array_equal(upright, np.asarray(rotated))
+    assert np.abs(upright.astype(int) - np.asarray(as_stored).astype(int)).mean() > 20

@@ -198,7 +198,7 @@ def test_ilsvrc_tar_layout_with_nested_class_tars(tmp_path):
     assert [e["key"] for e in train] == [f"train/{w}/{w}_{i}.JPEG" for w in wnids for i in range(3)]
     # The bytes came from the right offsets inside the nested tars.
     first = pipeline.decode_jpeg(train[0]["image"]).astype(int)
-    expected, _ = prepare.prepare_image(_jpeg(0))
+    expected, _ = writer.prepare_image(_jpeg(0))
     assert np.abs(first - np.asarray(expected, int)).mean() < 3
     val = _read_shards(out, "val", metadata)
     assert [wnids[e["label"]] for e in val] == VAL_WNIDS
@@ -329,7 +329,7 @@ def test_transparent_pixels_composite_onto_white(mode):
         image.info["transparency"] = image.getpixel((200, 0))
     else:
         image = image.convert(mode)
-    prepared, _ = prepare.prepare_image(_png(image))
+    prepared, _ = writer.prepare_image(_png(image))
     pixels = np.asarray(prepared, int)
     assert np.abs(pixels[:, :100] - 40).max() <= 2, mode
     assert (pixels[:, 156:] == 255).all(), mode

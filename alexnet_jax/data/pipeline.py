@@ -130,7 +130,7 @@ def open_tfds(
     stats = writer.RgbStatistics()
     count = min(stats_images, len(train))
     for index in np.linspace(0, len(train) - 1, count).astype(int):
-        image, _ = prepare.prepare_image(train[int(index)]["image"])
+        image, _ = writer.prepare_image(train[int(index)]["image"])
         stats.add(np.asarray(image))
     values, vectors = stats.eigen()
     metadata = {
@@ -162,7 +162,7 @@ def decode_record(record: bytes | dict[str, Any]) -> tuple[np.ndarray, int]:
     if isinstance(record, bytes):
         example = records.decode_example(record)
         return decode_jpeg(example["image"]), int(example["label"])
-    image, _ = prepare.prepare_image(record["image"])
+    image, _ = writer.prepare_image(record["image"])
     return np.asarray(image), int(record["label"])
 
 

@@ -44,13 +44,12 @@ import sys
 import tarfile
 import time
 import traceback
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 from absl import app, flags, logging
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from alexnet_jax.data import records, writer
 
@@ -76,15 +75,6 @@ class SourceError(ValueError):
 
 class WorkerError(RuntimeError):
     """A worker process failed on a whole task: a bug or a broken machine, not a bad file."""
-
-
-class BadImageError(Exception):
-    """An input file that cannot be used; ``kind`` is one of BAD_KINDS."""
-
-    def __init__(self, kind: str, reason: str):
-        super().__init__(reason)
-        self.kind = kind
-        self.reason = reason
 
 
 # ---------------------------------------------------------------------------
@@ -347,50 +337,6 @@ def list_source(spec: SourceSpec, splits: Sequence[str]) -> SourceListing:
 # One image: decode whatever it is, convert to RGB, the paper's 256x256 patch.
 
 
-def prepare_image(data: bytes, size: int = writer.PREPARED_SIZE) -> tuple[Image.Image, list[str]]:
-    """Source file bytes -> the prepared RGB image and what had to be converted.
-
-    Raises BadImageError for empty, truncated and undecodable files. A JPEG
-    much larger than ``size`` is decoded at a reduced DCT scale (``draft``),
-    never below ``size`` on its shorter side, which is several times faster.
-    """
-    if not data:
-        raise BadImageError("empty", "zero-byte file")
-    conversions = []
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # PIL warns on odd EXIF; the pixels are fine.
-            image = Image.open(io.BytesIO(data))
-            if image.format != "JPEG":
-                conversions.append("not_jpeg")
-            elif min(image.size) >= 2 * size:
-                image.draft(image.mode, (size, size))
-            image.load()
-    except UnidentifiedImageError:
-        raise BadImageError("undecodable", "not a recognisable image format") from None
-    except Image.DecompressionBombError as e:
-        raise BadImageError("undecodable", f"too many pixels: {e}") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        message = str(e) or type(e).__name__
-        truncated = "truncated" in message.lower() or isinstance(e, EOFError)
-        kind = "truncated" if truncated else "undecodable"
-        raise BadImageError(kind, f"{type(e).__name__}: {message}") from None
-    if image.mode in writer.HIGH_DEPTH_MODES:
-        conversions.append("high_depth")  # Scaled to 8 bits by resize_and_center_crop.
-    if image.mode in ("L", "LA", "1", *writer.HIGH_DEPTH_MODES):
-        conversions.append("grayscale")
-    elif image.mode == "CMYK":
-        conversions.append("cmyk")
-    elif image.mode != "RGB":
-        conversions.append("other_mode")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        # Transparent pixels composite onto white, as an image viewer shows them.
-        rgba = image.convert("RGBA")
-        image = Image.new("RGB", rgba.size, (255, 255, 255))
-        image.paste(rgba, mask=rgba.getchannel("A"))
-    return writer.resize_and_center_crop(image, size), conversions
-
-
 # ---------------------------------------------------------------------------
 # One shard: read, convert, write atomically, then its statistics and report.
 
@@ -461,18 +407,18 @@ def _read(reader: _Reader, ref: tuple) -> tuple[bytes, int, str]:
     try:
         return reader.read(ref)
     except OSError as e:
-        raise BadImageError("unreadable", _read_error_reason(ref, e)) from None
+        raise writer.BadImageError("unreadable", _read_error_reason(ref, e)) from None
 
 
 def _prepare_file(data: bytes, key: str) -> tuple[Image.Image, list[str]]:
     """``prepare_image``, with any error decoding or converting one file a bad file, never fatal."""
     try:
-        return prepare_image(data)
-    except BadImageError:
+        return writer.prepare_image(data)
+    except writer.BadImageError:
         raise
     except Exception as e:  # e.g. a mode PIL cannot convert ('La'); logged in case it is a bug.
         logging.warning("%s could not be prepared", key, exc_info=True)
-        raise BadImageError("undecodable", f"{type(e).__name__}: {e}") from None
+        raise writer.BadImageError("undecodable", f"{type(e).__name__}: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -516,7 +462,7 @@ def prepare_shard(task: ShardTask) -> tuple[str, int, dict[str, Any]]:
             try:
                 data, label, key = _read(reader, ref)
                 image, conversions = _prepare_file(data, key)
-            except BadImageError as e:  # One file's fault, whatever it is: listed, never fatal.
+            except writer.BadImageError as e:  # One file's fault: listed, never fatal.
                 counts[e.kind] += 1
                 bad_files.append({"key": key, "kind": e.kind, "reason": e.reason})
                 continue

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from collections.abc import Iterable
 
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from alexnet_jax.data import records
 
@@ -154,3 +155,64 @@ class RgbStatistics:
             "rgb_eigenvalues": values.tolist(),
             "rgb_eigenvectors": vectors.tolist(),
         }
+
+
+class BadImageError(Exception):
+    """An input file that cannot be used; ``kind`` is one of prepare.BAD_KINDS."""
+
+    def __init__(self, kind: str, reason: str):
+        super().__init__(reason)
+        self.kind = kind
+        self.reason = reason
+
+
+def prepare_image(
+    data: bytes, size: int = PREPARED_SIZE, *, honour_exif_orientation: bool = False
+) -> tuple[Image.Image, list[str]]:
+    """Source file bytes -> the prepared RGB image and what had to be converted.
+
+    The one decode for training data (``prepare``) and for a user's images
+    (``inference.read_image``): same mode conversion, alpha, resize and crop.
+    ``honour_exif_orientation`` turns phone photos upright first; the training
+    data keeps the stored orientation, as the paper's did.
+    Raises BadImageError for empty, truncated and undecodable files. A JPEG
+    much larger than ``size`` is decoded at a reduced DCT scale (``draft``),
+    never below ``size`` on its shorter side, which is several times faster.
+    """
+    if not data:
+        raise BadImageError("empty", "zero-byte file")
+    conversions = []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL warns on odd EXIF; the pixels are fine.
+            image = Image.open(io.BytesIO(data))
+            if image.format != "JPEG":
+                conversions.append("not_jpeg")
+            elif min(image.size) >= 2 * size:
+                image.draft(image.mode, (size, size))
+            image.load()
+            if honour_exif_orientation:
+                image = ImageOps.exif_transpose(image)
+    except UnidentifiedImageError:
+        raise BadImageError("undecodable", "not a recognisable image format") from None
+    except Image.DecompressionBombError as e:
+        raise BadImageError("undecodable", f"too many pixels: {e}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        message = str(e) or type(e).__name__
+        truncated = "truncated" in message.lower() or isinstance(e, EOFError)
+        kind = "truncated" if truncated else "undecodable"
+        raise BadImageError(kind, f"{type(e).__name__}: {message}") from None
+    if image.mode in HIGH_DEPTH_MODES:
+        conversions.append("high_depth")  # Scaled to 8 bits by resize_and_center_crop.
+    if image.mode in ("L", "LA", "1", *HIGH_DEPTH_MODES):
+        conversions.append("grayscale")
+    elif image.mode == "CMYK":
+        conversions.append("cmyk")
+    elif image.mode != "RGB":
+        conversions.append("other_mode")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Transparent pixels composite onto white, as an image viewer shows them.
+        rgba = image.convert("RGBA")
+        image = Image.new("RGB", rgba.size, (255, 255, 255))
+        image.paste(rgba, mask=rgba.getchannel("A"))
+    return resize_and_center_crop(image, size), conversions
