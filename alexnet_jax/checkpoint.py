@@ -22,8 +22,8 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import grain
 import jax
@@ -48,6 +48,7 @@ MODEL_DEFINING_FIELDS = (
     "data.input_scale",
     "data.mean_subtraction",
 )
+T = TypeVar("T")
 QUARANTINE_DIR = "checkpoints_unusable"
 
 
@@ -139,6 +140,43 @@ def state_fingerprint(state: Any) -> dict[str, int]:
 
 class CorruptCheckpointError(RuntimeError):
     """A restored checkpoint's contents differ from what was saved."""
+
+
+def first_usable(
+    steps: Sequence[int],
+    attempt: Callable[[int], T],
+    directory: str,
+    *,
+    reraise: tuple[type[BaseException], ...] = (),
+    advice: str,
+) -> tuple[int, T, list[tuple[int, str]]]:
+    """(step, attempt(step), failures) for the first of ``steps`` whose attempt succeeds.
+
+    The one fallback rule, for training and for the tools: a step that fails
+    (any error but ``reraise``) is skipped with a warning naming it, and the
+    next tried; if none succeeds, NoUsableCheckpointError lists each step and
+    why, then ``advice``. ``failures`` are the skipped (step, reason) pairs.
+    """
+    failures: list[tuple[int, str]] = []
+    for i, step in enumerate(steps):
+        try:
+            return step, attempt(step), failures
+        except reraise:
+            raise
+        except Exception as e:  # noqa: BLE001 - any read failure means this step is unusable.
+            reason = " ".join(str(e).split(" See full TensorStore details")[0].split())
+            failures.append((step, f"{type(e).__name__}: {reason[:300]}"))
+            logging.warning(
+                "Checkpoint at step %d in %s could not be restored (%s)%s",
+                step,
+                directory,
+                failures[-1][1],
+                "; trying the previous one" if i + 1 < len(steps) else "",
+            )
+    details = "\n  ".join(f"step {s}: {why}" for s, why in failures)
+    raise NoUsableCheckpointError(
+        f"No checkpoint in {directory} could be restored:\n  {details}\n{advice}"
+    )
 
 
 class Checkpointer:
@@ -311,20 +349,12 @@ class Checkpointer:
         ConfigMismatchError at once.
         """
         current = config_to_json(config)
-        failures: list[tuple[int, str]] = []
-        for step in sorted(self.manager.all_steps(), reverse=True):
-            try:
-                saved = self.saved_config(step)
-            except Exception as e:  # noqa: BLE001 - any read failure means this step is unusable.
-                failures.append((step, f"its config could not be read ({type(e).__name__}: {e})"))
-                logging.warning(
-                    "Checkpoint at step %d in %s is unusable: %s; trying the previous one",
-                    step,
-                    self.directory,
-                    failures[-1][1],
-                )
-                continue
-            changes = model_config_changes(saved, current)
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        if not steps:
+            return None
+
+        def attempt(step: int) -> Any:
+            changes = model_config_changes(self.saved_config(step), current)
             if changes:
                 raise ConfigMismatchError(
                     f"The config changes fields that define the model, relative to the checkpoint "
@@ -332,35 +362,26 @@ class Checkpointer:
                     + "\n  ".join(changes)
                     + "\nKeep the checkpoint's values, or train the new model in another --workdir."
                 )
-            try:
-                state = self.restore(step, abstract_state, data_iter)
-            except Exception as e:  # noqa: BLE001
-                failures.append((step, f"{type(e).__name__}: {e}"))
-                logging.warning(
-                    "Checkpoint at step %d in %s could not be restored (%s); trying the previous",
-                    step,
-                    self.directory,
-                    failures[-1][1],
-                )
-                continue
-            for bad_step, _ in failures:
-                self._quarantine(bad_step)
-            if failures:
-                self.manager.reload()
-                logging.warning(
-                    "Fell back to the checkpoint at step %d; unusable newer steps %s moved to %s",
-                    step,
-                    [s for s, _ in failures],
-                    os.path.join(self.workdir, QUARANTINE_DIR),
-                )
-            return step, state
+            return self.restore(step, abstract_state, data_iter)
+
+        step, state, failures = first_usable(
+            steps,
+            attempt,
+            self.directory,
+            reraise=(ConfigMismatchError,),
+            advice="Move the directory away to start a new run, or fix the files.",
+        )
+        for bad_step, _ in failures:
+            self._quarantine(bad_step)
         if failures:
-            details = "\n  ".join(f"step {s}: {why[:300]}" for s, why in failures)
-            raise NoUsableCheckpointError(
-                f"None of the checkpoints in {self.directory} could be restored:\n  {details}\n"
-                "Move the directory away to start a new run, or fix the files."
+            self.manager.reload()
+            logging.warning(
+                "Fell back to the checkpoint at step %d; unusable newer steps %s moved to %s",
+                step,
+                [s for s, _ in failures],
+                os.path.join(self.workdir, QUARANTINE_DIR),
             )
-        return None
+        return step, state
 
     def _quarantine(self, step: int) -> None:
         source = os.path.join(self.directory, str(step))

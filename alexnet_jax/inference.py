@@ -163,35 +163,23 @@ def load_trained(
                 f"No checkpoint for step {step} in {ckpt_dir}: has {steps}"
             )
         candidates = [step] if step is not None else sorted(steps, reverse=True)
-        failures: list[tuple[int, str]] = []
-        for candidate in candidates:
-            try:
-                run = run_config(ckpt, candidate, config)
-                model = build_model(run)
-                device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-                params = ckpt.restore_params(candidate, abstract_params(model, device))
-            except MissingConfigError:
-                raise  # A config the user must give: not damage.
-            except Exception as e:  # noqa: BLE001 - any read failure: this step is unusable.
-                reason = " ".join(str(e).split(" See full TensorStore details")[0].split())
-                failures.append((candidate, f"{type(e).__name__}: {reason[:300]}"))
-                logging.warning(
-                    "Checkpoint at step %d in %s could not be restored (%s)%s",
-                    candidate,
-                    ckpt.directory,
-                    failures[-1][1],
-                    "; trying the previous one" if candidate != candidates[-1] else "",
-                )
-                continue
-            step = candidate
-            break
-        else:
-            details = "\n  ".join(f"step {s}: {why}" for s, why in failures)
-            raise checkpoint.NoUsableCheckpointError(
-                f"No checkpoint in {ckpt.directory} could be restored:\n  {details}\n"
-                + ("Pick another one with --step, or " if len(candidates) == 1 else "")
-                + f"retrain: {train_command}"
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+        def attempt(candidate: int) -> tuple[ml_collections.ConfigDict, AlexNet, Any]:
+            run = run_config(ckpt, candidate, config)
+            model = build_model(run)
+            return run, model, ckpt.restore_params(candidate, abstract_params(model, device))
+
+        step, (run, model, params), _ = checkpoint.first_usable(
+            candidates,
+            attempt,
+            ckpt.directory,
+            reraise=(MissingConfigError,),  # A config the user must give: not damage.
+            advice=(
+                "Pick another one with --step, or retrain: " if step is not None else "Retrain: "
             )
+            + train_command,
+        )
     finally:
         ckpt.close()
     if data_dir is not None:
