@@ -568,9 +568,12 @@ def main(argv: Sequence[str]) -> int:
             path = run_neighbours(rest)
         else:
             path = run_curves()
+    except (inference.CheckpointMissingError, checkpoint.NoUsableCheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return cli.EXIT_NO_CHECKPOINT
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.EXIT_USAGE
     print(f"wrote {path}", file=sys.stderr)
     return 0
 

@@ -152,3 +152,12 @@ def test_curves_png_from_the_trained_workdir(tiny_trained_workdir, tmp_path):
     assert spe == 80 // 16
     out = visualize.plot_curves(curves, str(tmp_path / "curves.png"), steps_per_epoch=spe)
     assert Image.open(out).size == visualize.CURVES_SIZE
+
+
+def test_cli_without_a_checkpoint_exits_3_naming_the_workdir(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "-m", "alexnet_jax.visualize", "filters", f"--workdir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT},
+    )  # fmt: skip
+    assert run.returncode == 3, run.stderr  # cli.EXIT_NO_CHECKPOINT, as predict and evaluate.
+    assert f"No checkpoint in {tmp_path}" in run.stderr and "Traceback" not in run.stderr
