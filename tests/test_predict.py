@@ -176,11 +176,17 @@ def test_real_imagenet_jpegs(trained):
         assert {p["name"] for p in r["top"]} <= names
 
 
-def _truncate_largest_state_file(step_dir):
-    files = [os.path.join(d, f) for d, _, fs in os.walk(step_dir / "state") for f in fs]
-    largest = max(files, key=os.path.getsize)
-    with open(largest, "r+b") as f:
-        f.truncate(os.path.getsize(largest) // 2)
+def _truncate_state_files(step_dir):
+    """Every file of the saved state cut to half: the params cannot be read, wherever they lie.
+
+    (Cutting only the largest file can leave the params whole: the tools read
+    only the params, so such a checkpoint is still usable for inference.)
+    """
+    for d, _, files in os.walk(step_dir / "state"):
+        for name in files:
+            path = os.path.join(d, name)
+            with open(path, "r+b") as f:
+                f.truncate(os.path.getsize(path) // 2)
 
 
 def test_a_damaged_checkpoint_falls_back_as_training_does(tiny_trained_workdir, val_pngs, tmp_path):
@@ -189,7 +195,7 @@ def test_a_damaged_checkpoint_falls_back_as_training_does(tiny_trained_workdir, 
     shutil.copytree(tiny_trained_workdir, workdir)
     checkpoints = workdir / "checkpoints"
     shutil.copytree(checkpoints / "2", checkpoints / "1")  # An older, intact step.
-    _truncate_largest_state_file(checkpoints / "2")
+    _truncate_state_files(checkpoints / "2")
     cmd = [sys.executable, "-m", "alexnet_jax.predict", f"--workdir={workdir}", "--json", paths[0]]
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
@@ -198,7 +204,7 @@ def test_a_damaged_checkpoint_falls_back_as_training_does(tiny_trained_workdir, 
     assert "Checkpoint at step 2" in run.stderr and "trying the previous one" in run.stderr
     assert sorted(os.listdir(checkpoints)) == ["1", "2"]  # A tool only reads: nothing moved.
 
-    _truncate_largest_state_file(checkpoints / "1")  # Now none restores.
+    _truncate_state_files(checkpoints / "1")  # Now none restores.
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 3, run.stderr[-3000:]  # cli.EXIT_NO_CHECKPOINT
     assert "No checkpoint in" in run.stderr and "could be restored" in run.stderr
