@@ -99,10 +99,8 @@ def main(argv):
         checkpoint.CheckpointSaveError,
         FloatingPointError,
     ) as e:
-        logging.error("%s", e)
-        _fail(str(e))
+        _fail(str(e))  # Once, on stderr (not also as a log line).
     except checkpoint.NoUsableCheckpointError as e:
-        logging.error("%s", e)
         _fail(str(e), cli.EXIT_NO_CHECKPOINT)
 
 

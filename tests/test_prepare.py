@@ -2,6 +2,7 @@
 
 import functools
 import io
+import json
 import os
 import re
 import subprocess
@@ -460,3 +461,27 @@ def test_map_unordered_cancels_the_rest_on_the_first_failure():
 def test_map_unordered_reports_a_worker_that_died():
     with pytest.raises(prepare.WorkerError, match="worker process died while preparing 3"):
         list(prepare.map_unordered(os._exit, [3], 1))
+
+
+def test_a_tfrecord_tfds_build_is_named_with_the_command_that_makes_a_readable_one(tmp_path):
+    pytest.importorskip("tensorflow_datasets")
+    from alexnet_jax.data import pipeline
+
+    data_dir = build_tiny_tfds(str(tmp_path / "tfds"))
+    info_path = os.path.join(data_dir, "dataset_info.json")
+    with open(info_path) as f:
+        info = json.load(f)
+    info["fileFormat"] = "tfrecord"  # As a default tfds build writes it (needs TensorFlow).
+    with open(info_path, "w") as f:
+        json.dump(info, f)
+    for name in os.listdir(data_dir):
+        renamed = name.replace(".array_record-", ".tfrecord-")
+        os.rename(os.path.join(data_dir, name), os.path.join(data_dir, renamed))
+    expected = "is built as tfrecord files"
+    with pytest.raises(prepare.SourceError, match=expected) as error:
+        prepare.prepare(data_dir, str(tmp_path / "out"), examples_per_shard=4, num_workers=0)
+    assert "--file_format=array_record" in str(error.value)
+    assert "Build it first" not in str(error.value)
+    with pytest.raises(pipeline.DatasetMissingError, match=expected) as error:
+        pipeline.open_tfds(data_dir, data_dir=None, stats_images=2, how_to_prepare="(x)")
+    assert str(error.value).count(expected) == 1 and "Build it with tfds" not in str(error.value)

@@ -116,6 +116,8 @@ def open_tfds(
     spec = prepare.SourceSpec("tfds", os.path.expanduser(name), data_dir or None)
     try:
         builder, train = prepare.open_tfds(spec, "train")
+    except prepare.SourceError as e:  # Built, but not readable as it is: the message says why.
+        raise DatasetMissingError(str(e)) from None
     except Exception as e:  # tfds raises several types for "not built here".
         raise DatasetMissingError(
             f"Cannot read tfds dataset {name!r} (data_dir={data_dir!r}): {e}\n"
