@@ -8,6 +8,7 @@ ALEXNET_JAX_HOST_ALLOCATOR=auto|mimalloc|system, ALEXNET_JAX_CPU_CONVS=eigen|ynn
 
 import os
 import sys
+from typing import NoReturn
 
 import jax
 from absl import app, flags, logging
@@ -37,7 +38,7 @@ def initialize_distributed(config) -> None:
     )
 
 
-def _fail(message: str, code: int = cli.EXIT_USAGE) -> None:
+def _fail(message: str, code: int = cli.EXIT_USAGE) -> NoReturn:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
 
@@ -57,7 +58,6 @@ def parse_flags(argv: list[str]) -> list[str]:
             f"unknown config field in a --config.* override: {text} "
             "(configs/common.py lists every field with its default)"
         )
-    return []
 
 
 def check_workdir(workdir: str) -> str:

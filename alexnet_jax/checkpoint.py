@@ -248,25 +248,22 @@ class Checkpointer:
         if not force and not self.manager.should_save(step):
             return False
         try:
-            saved = self._save(step, state, data_iter, config, metrics)
+            saved = self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    data_iter=grain.checkpoint.CheckpointSave(data_iter),
+                    config=ocp.args.JsonSave(config_to_json(config)),
+                    fingerprint=ocp.args.JsonSave(state_fingerprint(state)),
+                ),
+                metrics=dict(metrics or {}),  # {}: not ranked (never "best"), and no orbax warning.
+                force=True,
+            )
         except Exception as e:  # noqa: BLE001 - a failed earlier save surfaces here too.
             raise CheckpointSaveError(self._save_failure(e)) from None
         if saved:
             logging.info("Saving checkpoint at step %d to %s", step, self.directory)
         return saved
-
-    def _save(self, step, state, data_iter, config, metrics) -> bool:
-        return self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data_iter=grain.checkpoint.CheckpointSave(data_iter),
-                config=ocp.args.JsonSave(config_to_json(config)),
-                fingerprint=ocp.args.JsonSave(state_fingerprint(state)),
-            ),
-            metrics=dict(metrics or {}),  # {}: not ranked (never "best"), and no orbax warning.
-            force=True,
-        )
 
     def saved_config(self, step: int) -> dict[str, Any]:
         """The config JSON saved with ``step``."""

@@ -176,10 +176,7 @@ def main(argv: Sequence[str]) -> int:
         trained = inference.load_trained(
             _WORKDIR.value, config=_CONFIG.value, data_dir=_DATA_DIR.value, step=_STEP.value
         )
-    except inference.CheckpointMissingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return cli.EXIT_NO_CHECKPOINT
-    except checkpoint.NoUsableCheckpointError as e:
+    except (inference.CheckpointMissingError, checkpoint.NoUsableCheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return cli.EXIT_NO_CHECKPOINT
     except (FileNotFoundError, ValueError) as e:

@@ -341,21 +341,23 @@ SIDE_BY_SIDE_MIN_FEATURES = {"eigen": 0, "ynnpack": 48}
 KERNEL_CHOICES = ("auto", "plain", "cpu")
 
 
+def _conv_layers(chunk_size: int) -> Callable[..., jax.Array]:
+    return InChunks(chunk_size) if chunk_size > 0 else model.whole_batch
+
+
 def cpu_kernels(conv_library: str, conv_chunk_size: int) -> model.Kernels:
     """The CPU schedules: fused LRN gradient, sliced max-pool, side-by-side convs, chunks."""
     return model.Kernels(
         lrn=lrn_fused_gradient,
         max_pool=max_pool_sliced,
         convolve_towers=SideBySideConv(SIDE_BY_SIDE_MIN_FEATURES[conv_library]),
-        conv_layers=InChunks(conv_chunk_size) if conv_chunk_size > 0 else model.whole_batch,
+        conv_layers=_conv_layers(conv_chunk_size),
     )
 
 
 def plain_kernels(conv_chunk_size: int) -> model.Kernels:
     """model.py's plain forms (GPU, TPU), on chunks only when asked for explicitly."""
-    if conv_chunk_size > 0:
-        return model.Kernels(conv_layers=InChunks(conv_chunk_size))
-    return model.Kernels()
+    return model.Kernels(conv_layers=_conv_layers(conv_chunk_size))
 
 
 KERNELS_BY_BACKEND = {"cpu": "cpu"}  # Backends not listed run the plain forms.
