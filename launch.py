@@ -14,13 +14,14 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from alexnet_jax import allocator, checkpoint, cli, config_lib, train, tuning
+from alexnet_jax import allocator, checkpoint, cli, config_lib, run_control, train, tuning
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/demo.py.", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
 flags.mark_flags_as_required(["config", "workdir"])
+LIST_FIELDS = "`python -m alexnet_jax.config_lib` lists every field with its default"
 
 
 def initialize_distributed(config) -> None:
@@ -43,21 +44,30 @@ def _fail(message: str, code: int = cli.EXIT_USAGE) -> NoReturn:
     sys.exit(code)
 
 
+def _renamed_overrides(argv: list[str]) -> list[str]:
+    """ "config.old is now config.new" for each --config.<old>=... override of a moved field."""
+    lines = []
+    for arg in argv[1:]:
+        name = arg.removeprefix("--config.").split("=")[0]
+        if arg.startswith("--config.") and name in config_lib.RENAMED:
+            lines.append(f"--config.{name} is now --config.{config_lib.RENAMED[name]}")
+    return lines
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing; a bad flag or --config.* override is one message and exit 2."""
+    if renamed := _renamed_overrides(argv):
+        _fail("; ".join(renamed) + " (the optimizer's fields moved under config.optim)")
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
-        _fail(f"{e}\nSee `python launch.py --helpfull`; configs/common.py lists every field.")
+        _fail(f"{e}\nSee `python launch.py --helpfull`; {LIST_FIELDS}.")
     except (KeyError, AttributeError) as e:  # ml_collections: no such field in the config.
         while e.args and isinstance(e.args[0], BaseException):
             e = e.args[0]
         text = str(e.args[0] if e.args else e).replace("'", "").replace("\n", ". ", 1)
         text = " ".join(text.split())
-        _fail(
-            f"unknown config field in a --config.* override: {text} "
-            "(configs/common.py lists every field with its default)"
-        )
+        _fail(f"unknown config field in a --config.* override: {text} ({LIST_FIELDS})")
 
 
 def check_workdir(workdir: str) -> str:
@@ -95,7 +105,7 @@ def main(argv):
         config_lib.ConfigError,
         tuning.SettingError,
         FileNotFoundError,
-        checkpoint.WorkdirInUseError,
+        run_control.WorkdirInUseError,
         checkpoint.CheckpointSaveError,
         FloatingPointError,
     ) as e:

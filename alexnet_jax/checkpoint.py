@@ -6,21 +6,18 @@ iterator position) and ``config`` (the run's config as JSON). Saving is
 asynchronous. Kept: the last ``keep`` steps and the step with the lowest
 validation top-1 error.
 
-Also here: the workdir lock (one run per workdir), the check that a
-relaunch does not change the model, and the SIGTERM hook that asks the
-loop to save and stop at the next step boundary.
+Also here: the check that a relaunch does not change the model (the fields
+``config_lib`` marks as defining it). Each saved state carries a per-leaf
+fingerprint, checked on restore: orbax notices missing or truncated files,
+but not a flipped byte inside an array's data.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
 import shutil
-import signal
-import socket
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -32,28 +29,12 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
-from jax.experimental import multihost_utils
 
 from alexnet_jax import config_lib
 
 BEST_METRIC = "val_top1_error"
-# Config fields that define the network or what it sees: a relaunch may not change them.
-# Everything else (epochs, schedule, logging, batch size, mesh, ...) may change.
-MODEL_DEFINING_FIELDS = (
-    "model.num_classes",
-    "model.width",
-    "model.use_lrn",
-    "model.dropout_rate",
-    "model.init_scheme",
-    "data.input_scale",
-    "data.mean_subtraction",
-)
 T = TypeVar("T")
 QUARANTINE_DIR = "checkpoints_unusable"
-
-
-class WorkdirInUseError(RuntimeError):
-    """Another process is already training in this workdir."""
 
 
 class NoUsableCheckpointError(RuntimeError):
@@ -73,28 +54,17 @@ def _best_metric(metrics: Mapping[str, float]) -> float:
     return math.inf if value is None else float(value)
 
 
-def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"model": {"width": 1}} -> {"model.width": 1}; tuples become lists (as in JSON)."""
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten_config(value, f"{name}."))
-        else:
-            flat[name] = list(value) if isinstance(value, tuple) else value
-    return flat
-
-
 def config_to_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return json.loads(config.to_json())
 
 
 def model_config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """The model-defining fields whose values differ, as "field: saved -> current" lines."""
-    old, new = flatten_config(saved), flatten_config(current)
+    old = config_lib.upgrade(config_lib.flatten(saved))
+    new = config_lib.flatten(current)
     return [
         f"config.{name}: {old[name]!r} in the checkpoint, {new[name]!r} now"
-        for name in MODEL_DEFINING_FIELDS
+        for name in config_lib.MODEL_DEFINING_FIELDS
         if name in old and name in new and old[name] != new[name]
     ]
 
@@ -431,93 +401,3 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
-
-
-class WorkdirLock:
-    """An exclusive ``flock`` on ``workdir/.lock.<process>``, released when the process dies.
-
-    A second launch into the same workdir fails at once, naming the holder;
-    a SIGKILLed run leaves no stale lock behind (the kernel drops it).
-    """
-
-    def __init__(self, workdir: str, process_index: int = 0):
-        self.path = os.path.join(os.path.abspath(workdir), f".lock.{process_index}")
-        self._file = None
-
-    def acquire(self) -> WorkdirLock:
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        f = open(self.path, "a+")  # noqa: SIM115 - held open for the lock's lifetime.
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "unknown process"
-            f.close()
-            raise WorkdirInUseError(
-                f"Another run is already training in {os.path.dirname(self.path)} ({holder}). "
-                "Wait for it to finish or stop it, or use another --workdir."
-            ) from None
-        f.seek(0)
-        f.truncate()
-        since = time.strftime("%Y-%m-%d %H:%M:%S")
-        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {since}\n")
-        f.flush()
-        self._file = f
-        return self
-
-    def release(self) -> None:
-        if self._file is not None:
-            fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
-            self._file.close()
-            self._file = None
-
-    def __enter__(self) -> WorkdirLock:
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-@jax.jit
-def all_finite(tree: Any) -> jax.Array:
-    """Whether every element of every leaf is finite (checked before each save)."""
-    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves] or [jnp.bool_(True)]))
-
-
-class StopSignal:
-    """Turns SIGTERM (preemption) into a request to save and stop at the next step boundary.
-
-    With several JAX processes, JAX's preemption sync point (which all
-    processes reach at the same step) decides instead of the local signal.
-    """
-
-    def __init__(self, *, multi_process: bool):
-        self._multi_process = multi_process
-        self._event = threading.Event()
-        self._previous = None
-        if not multi_process and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        del signum, frame
-        self._event.set()
-
-    def should_stop(self, step: int) -> bool:
-        if self._multi_process:
-            try:
-                return multihost_utils.reached_preemption_sync_point(step)
-            except RuntimeError:  # The preemption service is off (no jax.distributed).
-                return False
-        return self._event.is_set()
-
-    def __enter__(self) -> StopSignal:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None

@@ -1,131 +1,383 @@
-"""Checks a config before anything runs, naming the bad field and what it accepts."""
+"""The config schema: each field once, with its default, what it accepts and what it does.
+
+Experiment files in ``configs/`` start from ``defaults()`` and override what
+differs; ``validate`` checks every field against its declaration and names
+the first bad one with what it accepts. A field marked ``defines_model``
+may not change when a run resumes (``checkpoint`` enforces it). Adding a
+knob means one ``Field`` here and its use where it acts.
+
+    python -m alexnet_jax.config_lib     # every field, its default and what it accepts
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any
+
 import ml_collections
-
-from alexnet_jax import model, optim
-from alexnet_jax.data import pipeline
-
-DATA_SOURCES = ("demo", "prepared", "tfds")
-COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 class ConfigError(ValueError):
     """A config field holds a value the trainer cannot use."""
 
 
-def _check(ok: bool, field: str, value, accepted: str) -> None:
-    if not ok:
-        raise ConfigError(f"config.{field} = {value!r} is not valid: expected {accepted}")
+@dataclasses.dataclass(frozen=True)
+class Accepts:
+    """A test on a field's value, and the words that tell a user what passes it."""
+
+    test: Callable[[Any], bool]
+    description: str
+
+
+def one_of(*choices: Any) -> Accepts:
+    return Accepts(lambda v: v in choices, f"one of {choices}")
+
+
+def integer(minimum: int, note: str = "") -> Accepts:
+    return Accepts(
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= minimum,
+        f"an integer >= {minimum}{note}",
+    )
+
+
+def number(
+    low: float, high: float | None = None, *, low_open: bool = False, note: str = ""
+) -> Accepts:
+    """A number in [low, high) (or (low, high) with ``low_open``; no upper bound without high)."""
+
+    def test(v: Any) -> bool:
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            return False
+        above = v > low if low_open else v >= low
+        return above and (high is None or v < high)
+
+    left = "(" if low_open else "["
+    words = (
+        f"a number {'>' if low_open else '>='} {low}"
+        if high is None
+        else f"a number in {left}{low}, {high})"
+    )
+    return Accepts(test, words + note)
+
+
+BOOLEAN = Accepts(lambda v: isinstance(v, bool), "True or False")
+ANY_TEXT = Accepts(lambda v: isinstance(v, str), "a string")
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    name: str  # Dotted path, e.g. "data.source".
+    default: Any
+    accepts: Accepts
+    doc: str  # One line: what the field does.
+    defines_model: bool = False  # The network or what it sees: a resumed run may not change it.
+
+
+def _mesh_shape_ok(v: Any) -> bool:
+    return (
+        len(v) == 2
+        and all(isinstance(d, int) and (d == -1 or d >= 1) for d in v)
+        and v[1] in (1, NUM_TOWERS)
+    )
+
+
+def _epochs_ok(v: Any) -> bool:
+    return all(e > 0 for e in v) and list(v) == sorted(v)
+
+
+NUM_TOWERS = 2  # The paper's two GPUs; model.NUM_TOWERS (a test keeps them equal).
+
+FIELDS: tuple[Field, ...] = (
+    Field("seed", 0, integer(0), "Seeds parameters, dropout and the data order."),
+    # Data: where the images come from and what the network sees (alexnet_jax/data/).
+    Field(
+        "data.source",
+        "prepared",
+        one_of("demo", "prepared", "tfds"),
+        "demo (generated into data.dir), prepared (ArrayRecord from prepare) or tfds.",
+    ),
+    Field("data.dir", "~/data/imagenet2012_prepared", ANY_TEXT, "The prepared dataset's folder."),
+    Field("data.tfds_name", "imagenet2012", ANY_TEXT, "tfds: registered name or a build's dir."),
+    Field("data.tfds_data_dir", "", ANY_TEXT, 'tfds: its data_dir ("" = tfds\'s default).'),
+    Field(
+        "data.tfds_stats_images",
+        2000,
+        integer(1),
+        "tfds: images sampled for the mean image and PCA (cached in data.dir).",
+    ),
+    Field("data.demo_train_per_class", 300, integer(1), "demo: training images per class."),
+    Field("data.demo_val_per_class", 50, integer(1), "demo: validation images per class."),
+    Field("data.num_workers", 0, integer(0), "grain worker processes decoding; 0 = in-process."),
+    Field("data.num_threads", 2, integer(1), "grain reader threads per process."),
+    Field("data.prefetch", 0, integer(0), "Records decoded ahead per process; 0 = two batches."),
+    Field(
+        "data.input_scale",
+        1.0,
+        number(0, low_open=True),
+        "Multiplies mean-subtracted pixels; the paper feeds 0-255 (1.0).",
+        defines_model=True,
+    ),
+    Field(
+        "data.mean_subtraction",
+        "image",
+        one_of("image", "channel"),
+        "image (the paper's mean image) or channel (per-RGB mean).",
+        defines_model=True,
+    ),
+    Field("data.pca_colour", True, BOOLEAN, "PCA colour augmentation on training images (4.1)."),
+    Field(
+        "data.pca_stats",
+        "prepared",
+        one_of("prepared", "paper"),
+        "prepared (the dataset's RGB PCA) or paper (published ImageNet constants).",
+    ),
+    Field(
+        "data.pca_std",
+        0.1,
+        number(0, note=" (the paper: 0.1)"),
+        "Standard deviation of the PCA coefficients alpha.",
+    ),
+    Field("data.dtype", "float32", one_of("float32", "bfloat16"), "Batch image dtype."),
+    # Model: the network (alexnet_jax/model.py; every field but conv_chunk_size is AlexNet's).
+    Field(
+        "model.num_classes",
+        1000,
+        integer(2),
+        "Outputs; must match the dataset's class count.",
+        defines_model=True,
+    ),
+    Field(
+        "model.width",
+        1.0,
+        number(0, low_open=True, note=" (1.0 is the paper's width)"),
+        "Multiplies every layer's channel count.",
+        defines_model=True,
+    ),
+    Field(
+        "model.init_scheme",
+        "paper",
+        one_of("paper", "he"),
+        "paper (N(0, 0.01), bias 1) or he (variance scaling, bias 0.1).",
+        defines_model=True,
+    ),
+    Field(
+        "model.dropout_rate",
+        0.5,
+        number(0, 1),
+        "Dropout on fc6 and fc7 outputs while training.",
+        defines_model=True,
+    ),
+    Field(
+        "model.use_lrn",
+        True,
+        BOOLEAN,
+        "Local response normalization after conv1 and conv2.",
+        defines_model=True,
+    ),
+    Field(
+        "model.compute_dtype",
+        "float32",
+        one_of("float32", "bfloat16"),
+        "Matmul and conv precision (bfloat16 on GPU/TPU); params stay float32.",
+    ),
+    Field(
+        "model.conv_chunk_size",
+        -1,
+        integer(-1, note=" (examples per conv chunk; 0 = whole batch; -1 = auto)"),
+        "Schedule of conv1-pool5 (same result; alexnet_jax/tuning.py); -1: CPU 8.",
+    ),
+    # Training length and batches (alexnet_jax/train.py).
+    Field("batch_size", 128, integer(1), "Global batch, split over the mesh's data axis."),
+    Field("eval_batch_size", 256, integer(1), "Global batch for validation."),
+    Field("num_epochs", 90.0, number(0, low_open=True), "Training length in epochs."),
+    Field("max_steps", -1, integer(-1), "Stop after this many steps if > 0 (beats num_epochs)."),
+    # Optimizer and learning-rate schedule (alexnet_jax/optim.py).
+    Field(
+        "optim.name", "sgd", one_of("sgd", "lars"), "sgd (the paper's rule) or lars (big batch)."
+    ),
+    Field("optim.learning_rate", 0.01, number(0, low_open=True), "Base learning rate."),
+    Field(
+        "optim.lr_reference_batch_size",
+        0,
+        integer(0, note=" (0 = no scaling; else the batch learning_rate is for, e.g. 256)"),
+        "> 0: learning_rate is per this batch, scaled linearly with batch_size.",
+    ),
+    Field(
+        "optim.schedule",
+        "constant",
+        one_of("constant", "plateau", "step", "warmup_cosine"),
+        "plateau is the paper's (/10 when validation stops improving).",
+    ),
+    Field(
+        "optim.lr_decay_factor",
+        0.1,
+        number(0, 1, low_open=True),
+        "plateau, step: multiplies the rate per drop.",
+    ),
+    Field("optim.plateau_patience", 3, integer(1), "plateau: evaluations without a new best."),
+    Field("optim.plateau_max_reductions", 3, integer(0), "plateau: at most this many drops."),
+    Field(
+        "optim.plateau_min_delta", 0.0, number(0), "plateau: a new best must beat the old by it."
+    ),
+    Field(
+        "optim.lr_step_epochs",
+        (30, 60, 80),
+        Accepts(_epochs_ok, "increasing epochs > 0, e.g. (30, 60, 80)"),
+        "step: epochs at which the rate drops.",
+    ),
+    Field("optim.warmup_epochs", 5.0, number(0), "warmup_cosine: linear warmup, then cosine to 0."),
+    Field("optim.momentum", 0.9, number(0, 1), "Momentum of the velocity."),
+    Field(
+        "optim.lars_trust_coefficient",
+        0.001,
+        number(0, low_open=True, note=" (0.001 in You et al.)"),
+        "lars: a layer's step is this times ||w|| / ||g||.",
+    ),
+    Field("optim.weight_decay", 5e-4, number(0), "Applied to all weights, as in the paper."),
+    Field("optim.weight_decay_on_biases", True, BOOLEAN, "The paper decays biases too."),
+    # Devices and hosts (alexnet_jax/sharding.py, launch.py).
+    Field(
+        "mesh_shape",
+        (-1, 1),
+        Accepts(
+            _mesh_shape_ok,
+            f"(data, tower) with positive sizes or -1 and a tower axis of 1 or {NUM_TOWERS}, "
+            "e.g. (-1, 1) or (1, 2)",
+        ),
+        "(data, tower) device mesh; -1 takes the remaining devices.",
+    ),
+    Field("distributed.initialize", False, BOOLEAN, "Call jax.distributed.initialize first."),
+    Field("distributed.coordinator_address", "", ANY_TEXT, '"host:port" of process 0; "" = auto.'),
+    Field(
+        "distributed.num_processes",
+        -1,
+        Accepts(lambda v: v == -1 or v >= 1, "-1 (auto-detect) or an integer >= 1"),
+        "Processes in the job; -1 = auto-detect.",
+    ),
+    Field(
+        "distributed.process_id",
+        -1,
+        integer(-1, note=" (-1 = auto-detect)"),
+        "This process's index (0 = coordinator); -1 = auto-detect.",
+    ),
+    # Logging, evaluation, checkpoints (alexnet_jax/train.py, alexnet_jax/checkpoint.py).
+    Field("log_every_steps", 50, integer(1), "A progress line (and metrics) this often."),
+    Field("eval_every_epochs", 1.0, number(0, low_open=True), "Validation this often (and last)."),
+    Field("checkpoint_every_steps", 1000, integer(1), "A checkpoint this often (and at the end)."),
+    Field("keep_checkpoints", 3, integer(1), "Latest checkpoints kept (plus the best)."),
+)
+
+BY_NAME: Mapping[str, Field] = {f.name: f for f in FIELDS}
+MODEL_DEFINING_FIELDS = tuple(f.name for f in FIELDS if f.defines_model)
+
+# Fields that moved: old name -> new name. Old workdirs' saved configs are read with them,
+# and an override that uses an old name is told the new one.
+RENAMED: Mapping[str, str] = {
+    "optimizer": "optim.name",
+    **{
+        name: f"optim.{name}"
+        for name in (
+            "learning_rate",
+            "lr_reference_batch_size",
+            "schedule",
+            "lr_decay_factor",
+            "plateau_patience",
+            "plateau_max_reductions",
+            "plateau_min_delta",
+            "lr_step_epochs",
+            "warmup_epochs",
+            "momentum",
+            "lars_trust_coefficient",
+            "weight_decay",
+            "weight_decay_on_biases",
+        )
+    },
+}
+
+
+def defaults() -> ml_collections.ConfigDict:
+    """Every field at its default; an experiment config overrides what differs."""
+    config = ml_collections.ConfigDict()
+    for f in FIELDS:
+        *parents, leaf = f.name.split(".")
+        node = config
+        for p in parents:
+            if p not in node:
+                node[p] = ml_collections.ConfigDict()
+            node = node[p]
+        node[leaf] = f.default
+    return config
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"model": {"width": 1}} -> {"model.width": 1}; tuples become lists (as in JSON)."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def upgrade(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """A flattened config saved by an older version, with moved fields under their new names."""
+    return {RENAMED.get(name, name): value for name, value in flat.items()}
+
+
+def from_saved(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """A config saved with a run (JSON), on today's defaults.
+
+    Moved fields are read under their new names; fields added since take their
+    defaults (which reproduce the old behaviour); fields since removed are dropped.
+    """
+    config = defaults()
+    known = flatten(config.to_dict())
+    config.update_from_flattened_dict(
+        {
+            k: tuple(v) if isinstance(known[k], tuple) else v
+            for k, v in upgrade(flatten(saved)).items()
+            if k in known
+        }
+    )
+    return config
+
+
+def _fail(field: str, value: Any, accepted: str) -> None:
+    raise ConfigError(f"config.{field} = {value!r} is not valid: expected {accepted}")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError for the first field outside its accepted values."""
-    c = config
-    _check(c.data.source in DATA_SOURCES, "data.source", c.data.source, f"one of {DATA_SOURCES}")
-    _check(c.data.num_workers >= 0, "data.num_workers", c.data.num_workers, "an integer >= 0")
-    _check(c.data.num_threads >= 1, "data.num_threads", c.data.num_threads, "an integer >= 1")
-    _check(c.data.input_scale > 0, "data.input_scale", c.data.input_scale, "a number > 0")
-    _check(c.data.prefetch >= 0, "data.prefetch", c.data.prefetch, "an integer >= 0")
-    _check(
-        c.data.tfds_stats_images >= 1,
-        "data.tfds_stats_images",
-        c.data.tfds_stats_images,
-        "an integer >= 1",
-    )
-    for f, accepted in (
-        ("mean_subtraction", pipeline.MEAN_SUBTRACTION_MODES),
-        ("pca_stats", pipeline.PCA_STATS_SOURCES),
-        ("dtype", pipeline.DTYPES),
-    ):
-        _check(c.data[f] in accepted, f"data.{f}", c.data[f], f"one of {accepted}")
-    _check(c.data.pca_std >= 0, "data.pca_std", c.data.pca_std, "a number >= 0 (the paper: 0.1)")
-    for f in ("demo_train_per_class", "demo_val_per_class"):
-        _check(c.data[f] >= 1, f"data.{f}", c.data[f], "an integer >= 1")
-    m = c.model
-    _check(m.num_classes >= 2, "model.num_classes", m.num_classes, "an integer >= 2")
-    _check(m.width > 0, "model.width", m.width, "a number > 0 (1.0 is the paper's width)")
-    _check(
-        m.init_scheme in model.INIT_SCHEMES,
-        "model.init_scheme",
-        m.init_scheme,
-        f"one of {model.INIT_SCHEMES}",
-    )
-    _check(0 <= m.dropout_rate < 1, "model.dropout_rate", m.dropout_rate, "a number in [0, 1)")
-    _check(
-        m.compute_dtype in COMPUTE_DTYPES,
-        "model.compute_dtype",
-        m.compute_dtype,
-        f"one of {COMPUTE_DTYPES}",
-    )
-    _check(
-        m.conv_chunk_size >= -1,
-        "model.conv_chunk_size",
-        m.conv_chunk_size,
-        "an integer >= 0 (examples per conv chunk; 0 = whole batch) or -1 (auto)",
-    )
-    _check(c.batch_size >= 1, "batch_size", c.batch_size, "an integer >= 1")
-    _check(c.eval_batch_size >= 1, "eval_batch_size", c.eval_batch_size, "an integer >= 1")
-    _check(c.num_epochs > 0, "num_epochs", c.num_epochs, "a number > 0")
-    _check(c.learning_rate > 0, "learning_rate", c.learning_rate, "a number > 0")
-    _check(c.schedule in optim.SCHEDULES, "schedule", c.schedule, f"one of {optim.SCHEDULES}")
-    _check(0 < c.lr_decay_factor < 1, "lr_decay_factor", c.lr_decay_factor, "a number in (0, 1)")
-    _check(c.plateau_patience >= 1, "plateau_patience", c.plateau_patience, "an integer >= 1")
-    _check(
-        c.plateau_max_reductions >= 0,
-        "plateau_max_reductions",
-        c.plateau_max_reductions,
-        "an integer >= 0",
-    )
-    _check(c.plateau_min_delta >= 0, "plateau_min_delta", c.plateau_min_delta, "a number >= 0")
-    _check(
-        all(e > 0 for e in c.lr_step_epochs) and list(c.lr_step_epochs) == sorted(c.lr_step_epochs),
-        "lr_step_epochs",
-        c.lr_step_epochs,
-        "increasing epochs > 0, e.g. (30, 60, 80)",
-    )
-    _check(c.warmup_epochs >= 0, "warmup_epochs", c.warmup_epochs, "a number >= 0")
-    _check(0 <= c.momentum < 1, "momentum", c.momentum, "a number in [0, 1)")
-    _check(c.optimizer in optim.OPTIMIZERS, "optimizer", c.optimizer, f"one of {optim.OPTIMIZERS}")
-    _check(
-        c.lars_trust_coefficient > 0,
-        "lars_trust_coefficient",
-        c.lars_trust_coefficient,
-        "a number > 0 (0.001 in You et al.)",
-    )
-    _check(
-        c.lr_reference_batch_size >= 0,
-        "lr_reference_batch_size",
-        c.lr_reference_batch_size,
-        "0 (no scaling) or the batch size learning_rate refers to, e.g. 256",
-    )
-    _check(c.weight_decay >= 0, "weight_decay", c.weight_decay, "a number >= 0")
-    _check(
-        len(c.mesh_shape) == 2 and all(d == -1 or d >= 1 for d in c.mesh_shape),
-        "mesh_shape",
-        c.mesh_shape,
-        "(data, tower) with positive sizes or -1, e.g. (-1, 1) or (1, 2)",
-    )
-    _check(
-        c.mesh_shape[1] in (1, model.NUM_TOWERS),
-        "mesh_shape",
-        c.mesh_shape,
-        f"a tower axis of 1 or {model.NUM_TOWERS}",
-    )
-    d = c.distributed
-    _check(
-        d.num_processes == -1 or d.num_processes >= 1,
-        "distributed.num_processes",
-        d.num_processes,
-        "-1 (auto-detect) or an integer >= 1",
-    )
-    _check(
-        d.process_id == -1 or 0 <= d.process_id < max(d.num_processes, 1),
-        "distributed.process_id",
-        d.process_id,
-        "-1 (auto-detect) or an integer in [0, distributed.num_processes)",
-    )
-    for f in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
-        _check(c[f] >= 1, f, c[f], "an integer >= 1")
-    _check(c.eval_every_epochs > 0, "eval_every_epochs", c.eval_every_epochs, "a number > 0")
+    flat = flatten(config.to_dict())
+    for f in FIELDS:
+        value = flat[f.name]
+        checked = tuple(value) if isinstance(value, list) else value
+        if not f.accepts.test(checked):
+            _fail(f.name, checked, f.accepts.description)
+    d = config.distributed
+    if d.process_id != -1 and d.process_id >= max(d.num_processes, 1):
+        _fail(
+            "distributed.process_id",
+            d.process_id,
+            "-1 (auto-detect) or an integer in [0, distributed.num_processes)",
+        )
+
+
+def describe() -> str:
+    """The schema as a table: what ``python -m alexnet_jax.config_lib`` prints."""
+    width = max(len(f.name) for f in FIELDS)
+    lines = []
+    for f in FIELDS:
+        mark = "  [defines the model]" if f.defines_model else ""
+        lines.append(f"{f.name:<{width}}  = {f.default!r}\n{'':<{width}}    {f.doc}{mark}")
+        lines.append(f"{'':<{width}}    accepts {f.accepts.description}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(describe())
+    sys.exit(0)

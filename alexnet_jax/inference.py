@@ -21,10 +21,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from alexnet_jax import checkpoint, tuning
+from alexnet_jax import checkpoint, config_lib, tuning
 from alexnet_jax.data import augment, pipeline, writer
 from alexnet_jax.model import AlexNet
-from configs import common
 
 CROP_SIZE = pipeline.CROP_SIZE
 # Errors for image files that are missing, unreadable, not images, truncated or corrupt.
@@ -35,17 +34,9 @@ def build_model(
     config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None
 ) -> AlexNet:
     """The config's AlexNet with this backend's kernels; with ``mesh``, towers on their devices."""
-    m = config.model
-    return AlexNet(
-        num_classes=m.num_classes,
-        width=m.width,
-        dropout_rate=m.dropout_rate,
-        init_scheme=m.init_scheme,
-        use_lrn=m.use_lrn,
-        dtype=jnp.dtype(m.compute_dtype),
-        mesh=mesh,
-        kernels=tuning.kernels(conv_chunk_size=m.conv_chunk_size),
-    )
+    fields = config.model.to_dict()
+    chunk_size = fields.pop("conv_chunk_size")  # How to compute, not what: a tuning choice.
+    return AlexNet(**fields, mesh=mesh, kernels=tuning.kernels(conv_chunk_size=chunk_size))
 
 
 def abstract_params(model: AlexNet, sharding: jax.sharding.Sharding | None = None) -> Any:
@@ -102,12 +93,9 @@ class TrainedModel:
 def run_config(
     ckpt: checkpoint.Checkpointer, step: int, fallback: ml_collections.ConfigDict | None
 ) -> ml_collections.ConfigDict:
-    """The config saved with ``step``, on top of today's defaults; else ``fallback``.
-
-    Defaults fill in fields added since the run; fields since removed are dropped.
-    """
+    """The config saved with ``step`` (``config_lib.from_saved``); else ``fallback``."""
     try:
-        saved = checkpoint.flatten_config(ckpt.saved_config(step))
+        saved = ckpt.saved_config(step)
     except Exception as e:  # noqa: BLE001 - older checkpoints have no config item.
         if fallback is None:
             raise MissingConfigError(
@@ -118,12 +106,7 @@ def run_config(
         return fallback
     if fallback is not None:
         logging.warning("Using the config saved in the checkpoint; --config is ignored")
-    config = common.base_config()
-    known = checkpoint.flatten_config(config.to_dict())
-    config.update_from_flattened_dict(
-        {k: tuple(v) if isinstance(known[k], tuple) else v for k, v in saved.items() if k in known}
-    )
-    return config
+    return config_lib.from_saved(saved)
 
 
 def load_trained(

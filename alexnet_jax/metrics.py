@@ -1,10 +1,11 @@
-"""Metrics: losses and errors from logits, and writers for JSONL and TensorBoard."""
+"""Metrics: losses and errors from logits, finiteness, and writers for JSONL and TensorBoard."""
 
 from __future__ import annotations
 
 import json
 import os
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -52,3 +53,10 @@ class MetricWriter:
         if self.enabled:
             self._jsonl.close()
             self._tb.close()
+
+
+@jax.jit
+def all_finite(tree: Any) -> jax.Array:
+    """Whether every element of every leaf is finite: training saves no state that is not."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves] or [jnp.bool_(True)]))

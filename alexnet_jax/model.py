@@ -264,7 +264,7 @@ class AlexNet(nn.Module):
     dropout_rate: float = 0.5
     init_scheme: str = "paper"
     use_lrn: bool = True
-    dtype: Any = jnp.float32
+    compute_dtype: str = "float32"  # Of matmuls and convs; the parameters stay float32.
     mesh: Mesh | None = None
     kernels: Kernels = Kernels()
 
@@ -273,12 +273,13 @@ class AlexNet(nn.Module):
         self, images_BxHxWxC: jax.Array, *, train: bool, with_features: bool = False
     ) -> jax.Array | tuple[jax.Array, jax.Array]:
         inits = layer_inits(self.init_scheme)
+        dtype = jnp.dtype(self.compute_dtype)
         w = self.width
         conv = lambda name, c, k, s, p: TowerConv(  # noqa: E731
-            scaled(c, w), k, s, p, inits[name], self.dtype, self.mesh, self.kernels, name=name
+            scaled(c, w), k, s, p, inits[name], dtype, self.mesh, self.kernels, name=name
         )
         dense = lambda name: TowerDense(  # noqa: E731
-            scaled(2048, w), inits[name], self.dtype, self.mesh, name=name
+            scaled(2048, w), inits[name], dtype, self.mesh, name=name
         )
         # The towers' only exchange: every tower device gets all towers' maps.
         merge = lambda x_T: merge_towers(sharding.all_towers(x_T, self.mesh))  # noqa: E731
@@ -304,7 +305,7 @@ class AlexNet(nn.Module):
             return merge(x).reshape(x.shape[1], -1)  # B, 6*6*256
 
         data_shards = 1 if self.mesh is None else self.mesh.shape[sharding.DATA_AXIS]
-        x = self.kernels.conv_layers(conv_layers, images_BxHxWxC.astype(self.dtype), data_shards)
+        x = self.kernels.conv_layers(conv_layers, images_BxHxWxC.astype(dtype), data_shards)
 
         dropout = nn.Dropout(self.dropout_rate, deterministic=not train)
         x = dropout(nn.relu(dense("fc6")(x)))
@@ -315,7 +316,7 @@ class AlexNet(nn.Module):
             self.num_classes,
             kernel_init=inits["fc8"].kernel,
             bias_init=nn.initializers.constant(inits["fc8"].bias_value),
-            dtype=self.dtype,
+            dtype=dtype,
             name="fc8",
         )(fc7)
         logits = logits.astype(jnp.float32)

@@ -73,15 +73,16 @@ def lars(
     )
 
 
-def base_learning_rate(config: ml_collections.ConfigDict) -> float:
-    """``config.learning_rate``, scaled linearly with the global batch (Goyal et al., 2017).
+def base_learning_rate(optim_config: ml_collections.ConfigDict, batch_size: int) -> float:
+    """``config.optim.learning_rate``, scaled linearly with the global batch (Goyal et al., 2017).
 
-    With ``lr_reference_batch_size`` > 0 the rate is ``learning_rate * batch_size /
-    lr_reference_batch_size``, so a pod preset states the rate per reference batch.
+    With ``lr_reference_batch_size`` > 0 the rate is
+    ``learning_rate * batch_size / lr_reference_batch_size``, so a pod preset states
+    the rate per reference batch.
     """
-    if config.lr_reference_batch_size > 0:
-        return config.learning_rate * config.batch_size / config.lr_reference_batch_size
-    return config.learning_rate
+    if optim_config.lr_reference_batch_size > 0:
+        return optim_config.learning_rate * batch_size / optim_config.lr_reference_batch_size
+    return optim_config.learning_rate
 
 
 @flax.struct.dataclass
@@ -134,42 +135,51 @@ def plateau_update(
 
 
 def observe_validation_error(
-    state: ScheduleState, validation_error: jax.Array | float, config: ml_collections.ConfigDict
+    state: ScheduleState,
+    validation_error: jax.Array | float,
+    optim_config: ml_collections.ConfigDict,
 ) -> ScheduleState:
-    """The config's plateau rule; other schedules only keep track of the best error."""
+    """``config.optim``'s plateau rule; other schedules only keep track of the best error."""
     return plateau_update(
         state,
         validation_error,
-        factor=config.lr_decay_factor,
-        patience=config.plateau_patience,
-        max_reductions=config.plateau_max_reductions if config.schedule == "plateau" else 0,
-        min_delta=config.plateau_min_delta,
+        factor=optim_config.lr_decay_factor,
+        patience=optim_config.plateau_patience,
+        max_reductions=optim_config.plateau_max_reductions
+        if optim_config.schedule == "plateau"
+        else 0,
+        min_delta=optim_config.plateau_min_delta,
     )
 
 
 def learning_rate_schedule(
-    config: ml_collections.ConfigDict,
+    optim_config: ml_collections.ConfigDict,
     *,
+    batch_size: int,
     steps_per_epoch: int | None = None,
     total_steps: int | None = None,
 ) -> optax.Schedule:
-    """The base learning rate as a function of the step (before the plateau scale).
+    """``config.optim``'s base learning rate as a function of the step (before the plateau scale).
 
     ``step`` and ``warmup_cosine`` are defined in epochs, so they need
     ``steps_per_epoch`` (and ``warmup_cosine`` the run's ``total_steps``).
     """
-    lr = base_learning_rate(config)
-    if config.schedule in ("constant", "plateau"):
+    lr = base_learning_rate(optim_config, batch_size)
+    if optim_config.schedule in ("constant", "plateau"):
         return optax.constant_schedule(lr)
-    if steps_per_epoch is None or (config.schedule == "warmup_cosine" and total_steps is None):
-        raise ValueError(f"schedule {config.schedule!r} needs steps_per_epoch and total_steps")
-    if config.schedule == "step":
+    if steps_per_epoch is None or (
+        optim_config.schedule == "warmup_cosine" and total_steps is None
+    ):
+        raise ValueError(
+            f"schedule {optim_config.schedule!r} needs steps_per_epoch and total_steps"
+        )
+    if optim_config.schedule == "step":
         # The drop applies from the first step of each listed epoch on.
-        boundaries = jnp.asarray([round(e * steps_per_epoch) for e in config.lr_step_epochs])
-        factor = config.lr_decay_factor
+        boundaries = jnp.asarray([round(e * steps_per_epoch) for e in optim_config.lr_step_epochs])
+        factor = optim_config.lr_decay_factor
         return lambda step: lr * factor ** jnp.sum(step >= boundaries)
-    if config.schedule == "warmup_cosine":
-        warmup = round(config.warmup_epochs * steps_per_epoch)
+    if optim_config.schedule == "warmup_cosine":
+        warmup = round(optim_config.warmup_epochs * steps_per_epoch)
         return optax.warmup_cosine_decay_schedule(
             init_value=0.0,
             peak_value=lr,
@@ -177,7 +187,9 @@ def learning_rate_schedule(
             decay_steps=max(total_steps, warmup + 1),
             end_value=0.0,
         )
-    raise ValueError(f"config.schedule must be one of {SCHEDULES}, got {config.schedule!r}")
+    raise ValueError(
+        f"config.optim.schedule must be one of {SCHEDULES}, got {optim_config.schedule!r}"
+    )
 
 
 def scaled_learning_rate(
@@ -201,30 +213,30 @@ def bias_mask(params: Any) -> Any:
     )
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """The paper's SGD with the learning rate as a hyperparameter in the optimizer state.
+def make_optimizer(optim_config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """``config.optim``'s rule with the learning rate as a hyperparameter in the optimizer state.
 
     The train step sets that hyperparameter each step (``with_learning_rate``);
-    until it does, it holds ``config.learning_rate``.
+    until it does, it holds ``config.optim.learning_rate``.
     """
-    mask = None if config.weight_decay_on_biases else bias_mask
+    mask = None if optim_config.weight_decay_on_biases else bias_mask
 
     def sgd(learning_rate):
-        if config.optimizer == "lars":
+        if optim_config.name == "lars":
             return lars(
                 learning_rate,
-                momentum=config.momentum,
-                weight_decay=config.weight_decay,
-                trust_coefficient=config.lars_trust_coefficient,
+                momentum=optim_config.momentum,
+                weight_decay=optim_config.weight_decay,
+                trust_coefficient=optim_config.lars_trust_coefficient,
                 weight_decay_mask=mask,
             )
         return paper_sgd(
             learning_rate,
-            momentum=config.momentum,
-            weight_decay=config.weight_decay,
+            momentum=optim_config.momentum,
+            weight_decay=optim_config.weight_decay,
             weight_decay_mask=mask,
         )
 
     return optax.inject_hyperparams(sgd, hyperparam_dtype=jnp.float32)(
-        learning_rate=config.learning_rate
+        learning_rate=optim_config.learning_rate
     )

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from alexnet_jax import checkpoint, config_lib, inference, metrics, optim, sharding
+from alexnet_jax import checkpoint, config_lib, inference, metrics, optim, run_control, sharding
 from alexnet_jax.data import demo, pipeline
 from alexnet_jax.model import AlexNet
 
@@ -212,7 +212,7 @@ def _stop_if_not_finite(
             ckpt.wait()  # Saves already under way hold finite states: let them finish.
             raise FloatingPointError(
                 f"Loss is {loss} at step {first_step + i}: stopping. {_last_good(ckpt)} "
-                "Consider a lower config.learning_rate, or check the input data."
+                "Consider a lower config.optim.learning_rate, or check the input data."
             )
 
 
@@ -226,14 +226,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     workdir = os.path.abspath(os.path.expanduser(workdir))
     os.makedirs(workdir, exist_ok=True)
     with (
-        checkpoint.WorkdirLock(workdir, jax.process_index()),
-        checkpoint.StopSignal(multi_process=jax.process_count() > 1) as stop_signal,
+        run_control.WorkdirLock(workdir, jax.process_index()),
+        run_control.StopSignal(multi_process=jax.process_count() > 1) as stop_signal,
     ):
         return _train_and_evaluate(config, workdir, stop_signal)
 
 
 def _train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str, stop_signal: checkpoint.StopSignal
+    config: ml_collections.ConfigDict, workdir: str, stop_signal: run_control.StopSignal
 ) -> dict[str, float]:
     is_main = jax.process_index() == 0
 
@@ -267,16 +267,19 @@ def _train_and_evaluate(
 
     model = inference.build_model(config, mesh)
     learning_rate_fn = optim.learning_rate_schedule(
-        config, steps_per_epoch=steps_per_epoch, total_steps=total_steps
+        config.optim,
+        batch_size=config.batch_size,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
     )
-    optimizer = optim.make_optimizer(config)
+    optimizer = optim.make_optimizer(config.optim)
 
     init_fn = functools.partial(init_state, model, optimizer, config.seed)
     abstract_state = jax.eval_shape(init_fn)
     state_shardings = sharding.state_shardings(mesh, abstract_state)
     batch_shardings = sharding.batch_sharding(mesh)
     observe_validation_error = jax.jit(
-        lambda schedule, error: optim.observe_validation_error(schedule, error, config),
+        lambda schedule, error: optim.observe_validation_error(schedule, error, config.optim),
         out_shardings=state_shardings.schedule,
     )
 
@@ -397,10 +400,10 @@ def _train_and_evaluate(
                 logging.info(
                     "Validation error has not improved for %d evaluations: learning rate x%g "
                     "(drop %d of at most %d)",
-                    config.plateau_patience,
-                    config.lr_decay_factor,
+                    config.optim.plateau_patience,
+                    config.optim.lr_decay_factor,
                     new_schedule.num_reductions,
-                    config.plateau_max_reductions,
+                    config.optim.plateau_max_reductions,
                 )
             logging.info(
                 "eval at step %d (epoch %.2f): loss %.4f  top1_err %.4f  top5_err %.4f  (%.1fs)",
@@ -420,7 +423,7 @@ def _train_and_evaluate(
         if force or ckpt.should_save(step):
             losses = jax.device_get([m["loss"] for m in pending])
             _stop_if_not_finite([float(x) for x in losses], step - len(pending) + 1, ckpt)
-            if not bool(checkpoint.all_finite(state.params)):
+            if not bool(metrics.all_finite(state.params)):
                 ckpt.wait()
                 raise FloatingPointError(
                     f"Parameters are not finite after step {step}: stopping. {_last_good(ckpt)}"

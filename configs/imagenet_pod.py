@@ -46,15 +46,15 @@ def get_config(variant: str | None = None):
     config.model.init_scheme = "he"  # Learns from step 0; the paper's N(0, 0.01) stalls at first.
     config.model.compute_dtype = "bfloat16"  # bf16 matmuls and convs; params stay float32.
 
-    config.optimizer = "lars"
-    config.lars_trust_coefficient = 0.001
-    config.learning_rate = 0.3  # Per 256 images: 9.6 at batch 8192 (after warmup).
-    config.lr_reference_batch_size = 256
-    config.schedule = "warmup_cosine"
-    config.warmup_epochs = 5.0
-    config.momentum = 0.9
-    config.weight_decay = 5e-4
-    config.weight_decay_on_biases = False  # Large-batch practice: no decay (or LARS) on biases.
+    config.optim.name = "lars"
+    config.optim.lars_trust_coefficient = 0.001
+    config.optim.learning_rate = 0.3  # Per 256 images: 9.6 at batch 8192 (after warmup).
+    config.optim.lr_reference_batch_size = 256
+    config.optim.schedule = "warmup_cosine"
+    config.optim.warmup_epochs = 5.0
+    config.optim.momentum = 0.9
+    config.optim.weight_decay = 5e-4
+    config.optim.weight_decay_on_biases = False  # Large-batch practice: biases undecayed.
 
     config.log_every_steps = 20  # 156 steps per epoch.
     config.checkpoint_every_steps = 500

@@ -39,7 +39,7 @@ def tiny_config(optimizer: str = "sgd", compute_dtype: str = "float32"):
     config.model.width = 1 / 16
     config.model.num_classes = 10
     config.batch_size = BATCH
-    config.optimizer = optimizer
+    config.optim.name = optimizer
     config.model.compute_dtype = compute_dtype
     config.model.conv_chunk_size = 0  # The whole batch; chunked cases set 1.
     return config
@@ -57,8 +57,10 @@ def one_step(config, mesh_shape, devices):
     """(state before, state after, metrics, compiled HLO text) of one jitted train step."""
     mesh = sharding.make_mesh(mesh_shape, devices)
     model = inference.build_model(config, mesh)
-    optimizer = optim.make_optimizer(config)
-    learning_rate_fn = optim.learning_rate_schedule(config, steps_per_epoch=10, total_steps=100)
+    optimizer = optim.make_optimizer(config.optim)
+    learning_rate_fn = optim.learning_rate_schedule(
+        config.optim, batch_size=config.batch_size, steps_per_epoch=10, total_steps=100
+    )
     init_fn = functools.partial(train.init_state, model, optimizer, config.seed)
     state_shardings = sharding.state_shardings(mesh, jax.eval_shape(init_fn))
     state = jax.jit(init_fn, out_shardings=state_shardings)()

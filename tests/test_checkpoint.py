@@ -166,7 +166,7 @@ def test_config_is_saved_and_model_changes_are_named(tmp_path):
 
     saved = tiny_config("/data").to_dict()
     safe = tiny_config("/data")
-    safe.num_epochs, safe.log_every_steps, safe.max_steps, safe.learning_rate = 3, 7, 99, 0.1
+    safe.num_epochs, safe.log_every_steps, safe.max_steps, safe.optim.learning_rate = 3, 7, 99, 0.1
     assert checkpoint.model_config_changes(saved, json.loads(safe.to_json())) == []
     unsafe = tiny_config("/data")
     unsafe.model.width, unsafe.model.num_classes, unsafe.num_epochs = 0.5, 5, 3
@@ -185,25 +185,6 @@ def test_fingerprint_changes_with_any_single_element():
     assert checkpoint.state_fingerprint(nudged)["['b']"] == base["['b']"]
 
 
-def test_workdir_lock_refuses_a_second_holder(tmp_path):
-    with (
-        checkpoint.WorkdirLock(str(tmp_path)),
-        pytest.raises(checkpoint.WorkdirInUseError, match=f"pid {os.getpid()}"),
-    ):
-        checkpoint.WorkdirLock(str(tmp_path)).acquire()
-    checkpoint.WorkdirLock(str(tmp_path)).acquire().release()  # Free again after release.
-
-
-def test_second_training_launch_into_a_busy_workdir_refuses(tiny_demo_dir, tmp_path):
-    config = tiny_config(tiny_demo_dir)
-    with (
-        checkpoint.WorkdirLock(str(tmp_path)),  # Stands in for a run already training there.
-        pytest.raises(checkpoint.WorkdirInUseError, match="already training in"),
-    ):
-        train.train_and_evaluate(config, str(tmp_path))
-    assert not os.path.exists(tmp_path / "checkpoints")
-
-
 # ---------------------------------------------------------------------------------------------
 # End to end through launch.py (see the module docstring).
 
@@ -215,9 +196,9 @@ def _overrides(data_dir, workdir, **extra):
         # The plateau rule, made to drop after the evaluations at steps 10 and 15 (no
         # evaluation after the first counts as an improvement), so the resumed runs
         # cross learning-rate drops.
-        "schedule": "plateau",
-        "plateau_patience": 1,
-        "plateau_min_delta": 1.0,
+        "optim.schedule": "plateau",
+        "optim.plateau_patience": 1,
+        "optim.plateau_min_delta": 1.0,
     }
     return tiny_launch_flags(data_dir, workdir, **{**fields, **extra})
 
@@ -312,7 +293,11 @@ def runs(tiny_demo_dir, tmp_path_factory):
     )
     c = _start(
         _overrides(
-            tiny_demo_dir, nan_run, learning_rate=1e30, checkpoint_every_steps=1, max_steps=10
+            tiny_demo_dir,
+            nan_run,
+            checkpoint_every_steps=1,
+            max_steps=10,
+            **{"optim.learning_rate": 1e30},
         ),
         root / "C.log",
     )

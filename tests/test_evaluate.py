@@ -24,7 +24,7 @@ def second_workdir(tiny_trained_workdir, tiny_demo_dir, tmp_path_factory):
     config.max_steps = 2
     model = inference.build_model(config)
     abstract = jax.eval_shape(
-        functools.partial(train.init_state, model, optim.make_optimizer(config), 0)
+        functools.partial(train.init_state, model, optim.make_optimizer(config.optim), 0)
     )
     source = checkpoint.Checkpointer(tiny_trained_workdir, read_only=True)
     state = source.restore(2, abstract)

@@ -177,9 +177,8 @@ def test_dropout_only_in_training(small_net_and_params):
 
 def test_conv_chunk_size_bad_values_name_the_field():
     from alexnet_jax import config_lib
-    from configs import common
 
-    config = common.base_config()
+    config = config_lib.defaults()
     config.model.conv_chunk_size = -2
     with pytest.raises(config_lib.ConfigError, match=r"config.model.conv_chunk_size = -2 .*-1"):
         config_lib.validate(config)

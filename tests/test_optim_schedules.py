@@ -7,12 +7,13 @@ import optax
 import pytest
 
 from alexnet_jax import config_lib, optim
-from configs import common, imagenet
+from configs import imagenet
 from tests.test_optim import _paper_loop
 
 
 def _config(**overrides):
-    config = common.base_config()
+    """config.optim with ``overrides``."""
+    config = config_lib.defaults().optim
     for k, v in overrides.items():
         config[k] = v
     return config
@@ -64,14 +65,14 @@ def test_step_schedule_drops_at_the_first_step_of_each_listed_epoch():
     config = _config(
         schedule="step", learning_rate=0.01, lr_step_epochs=(1, 3), lr_decay_factor=0.1
     )
-    lr = optim.learning_rate_schedule(config, steps_per_epoch=10, total_steps=50)
+    lr = optim.learning_rate_schedule(config, batch_size=128, steps_per_epoch=10, total_steps=50)
     values = [float(lr(s)) for s in (0, 9, 10, 29, 30, 49)]
     np.testing.assert_allclose(values, [0.01, 0.01, 0.001, 0.001, 1e-4, 1e-4], rtol=1e-5)
 
 
 def test_warmup_cosine_rises_linearly_then_decays_to_zero():
     config = _config(schedule="warmup_cosine", learning_rate=0.1, warmup_epochs=2)
-    lr = optim.learning_rate_schedule(config, steps_per_epoch=5, total_steps=50)
+    lr = optim.learning_rate_schedule(config, batch_size=128, steps_per_epoch=5, total_steps=50)
     values = np.array([float(lr(s)) for s in range(51)])
     np.testing.assert_allclose(values[:11], np.linspace(0, 0.1, 11), atol=1e-7)
     assert values[10] == pytest.approx(0.1)
@@ -82,14 +83,14 @@ def test_warmup_cosine_rises_linearly_then_decays_to_zero():
 
 def test_step_and_cosine_need_the_epoch_length():
     with pytest.raises(ValueError, match="steps_per_epoch"):
-        optim.learning_rate_schedule(_config(schedule="step"))
+        optim.learning_rate_schedule(_config(schedule="step"), batch_size=128)
 
 
 def test_plateau_drop_through_the_optimizer_state_matches_the_paper_rule():
     """The lr lives in the optimizer state; a drop scales new gradients, not the velocity."""
     config = _config(schedule="plateau", plateau_patience=1, learning_rate=0.01)
     tx = optim.make_optimizer(config)
-    base = optim.learning_rate_schedule(config)
+    base = optim.learning_rate_schedule(config, batch_size=128)
     rng = np.random.default_rng(0)
     w0 = rng.normal(size=(5,))
     grads = [rng.normal(size=(5,)) for _ in range(6)]
@@ -127,19 +128,20 @@ def test_weight_decay_optionally_spares_biases(on_biases):
 def test_imagenet_config_is_the_papers_recipe():
     config = imagenet.get_config()
     config_lib.validate(config)
-    assert config.schedule == "plateau"
-    assert (config.learning_rate, config.lr_decay_factor, config.plateau_max_reductions) == (
+    o = config.optim
+    assert o.schedule == "plateau"
+    assert (o.learning_rate, o.lr_decay_factor, o.plateau_max_reductions) == (
         0.01,
         0.1,
         3,
     )
-    assert (config.batch_size, config.num_epochs, config.momentum, config.weight_decay) == (
+    assert (config.batch_size, config.num_epochs, o.momentum, o.weight_decay) == (
         128,
         90,
         0.9,
         5e-4,
     )
-    assert config.weight_decay_on_biases
+    assert o.weight_decay_on_biases
 
 
 @pytest.mark.parametrize(
@@ -153,6 +155,7 @@ def test_imagenet_config_is_the_papers_recipe():
     ],
 )
 def test_bad_schedule_fields_are_named(field, value):
-    config = _config(**{field: value})
-    with pytest.raises(config_lib.ConfigError, match=f"config.{field} "):
+    config = config_lib.defaults()
+    config.optim[field] = value
+    with pytest.raises(config_lib.ConfigError, match=f"config.optim.{field} "):
         config_lib.validate(config)

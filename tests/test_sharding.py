@@ -122,7 +122,7 @@ def test_lars_and_bfloat16_on_two_devices(tmp_path):
 def test_state_shardings_split_tower_layers_and_their_momentum():
     config = tiny_config("unused")
     mesh = sharding.make_mesh((1, 1))
-    optimizer = optim.make_optimizer(config)
+    optimizer = optim.make_optimizer(config.optim)
     init_fn = functools.partial(train.init_state, inference.build_model(config), optimizer, 0)
     shardings = sharding.state_shardings(mesh, jax.eval_shape(init_fn))
     flat = jax.tree_util.tree_flatten_with_path(shardings)[0]
@@ -151,12 +151,15 @@ def test_make_mesh_and_data_shards_on_one_device():
 def test_pod_config_scales_the_learning_rate_linearly_after_warmup():
     config = imagenet_pod.get_config()
     config_lib.validate(config)
-    assert tuple(config.mesh_shape) == (-1, 2) and config.optimizer == "lars"
+    assert tuple(config.mesh_shape) == (-1, 2) and config.optim.name == "lars"
     steps_per_epoch = 1_281_167 // config.batch_size
     schedule = optim.learning_rate_schedule(
-        config, steps_per_epoch=steps_per_epoch, total_steps=90 * steps_per_epoch
+        config.optim,
+        batch_size=config.batch_size,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=90 * steps_per_epoch,
     )
-    peak = config.learning_rate * config.batch_size / config.lr_reference_batch_size
+    peak = config.optim.learning_rate * config.batch_size / config.optim.lr_reference_batch_size
     assert float(schedule(0)) == 0.0
     assert float(schedule(5 * steps_per_epoch)) == pytest.approx(peak, rel=1e-6)
     assert float(schedule(5 * steps_per_epoch // 2)) == pytest.approx(peak / 2, rel=1e-2)
@@ -222,7 +225,7 @@ def _train_losses(workdir) -> dict[int, float]:
 
 
 def _restore_in_one_process(workdir, config, step):
-    optimizer = optim.make_optimizer(config)
+    optimizer = optim.make_optimizer(config.optim)
     init_fn = functools.partial(train.init_state, inference.build_model(config), optimizer, 0)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(

@@ -19,16 +19,18 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch(tiny_demo_dir):
     # go). Asserted: the loss falls steadily, averaged over the last steps, and never blows up.
     config = tiny_config(tiny_demo_dir)
     config.model.dropout_rate = 0.0
-    config.learning_rate = 0.003
+    config.optim.learning_rate = 0.003
     net = inference.build_model(config)
-    optimizer = optim.make_optimizer(config)
+    optimizer = optim.make_optimizer(config.optim)
     state = train.init_state(net, optimizer, seed=0)
     dataset = pipeline.open_dataset(tiny_demo_dir, how_to_prepare="(test data)")
     batch = next(
         pipeline.train_iterator(dataset, batch_size=16, seed=0, num_threads=1, input_scale=1 / 64)
     )
     # The demo's schedule is in epochs; 12 steps stay before its drop.
-    schedule = optim.learning_rate_schedule(config, steps_per_epoch=100, total_steps=1000)
+    schedule = optim.learning_rate_schedule(
+        config.optim, batch_size=16, steps_per_epoch=100, total_steps=1000
+    )
     step = train.jit_train_step(net, optimizer, schedule)
     losses = []
     for _ in range(12):
@@ -38,7 +40,7 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch(tiny_demo_dir):
     assert np.isclose(losses[0], np.log(10), rtol=0.2), losses  # Starts near chance.
     assert np.mean(losses[-3:]) < 0.6 * losses[0], losses
     assert max(losses) < 1.2 * losses[0], losses
-    assert float(metrics["learning_rate"]) == pytest.approx(config.learning_rate)
+    assert float(metrics["learning_rate"]) == pytest.approx(config.optim.learning_rate)
 
 
 def test_eval_step_ignores_padding():
@@ -95,6 +97,11 @@ def test_launch_trains_checkpoints_and_resumes(tiny_demo_dir, tmp_path):
         ("--config.batch_szie=3", "batch_szie"),
         ("--config.batch_size=abc", "batch_size"),
         ("--config.model.init_scheme=xavier", "model.init_scheme"),
+        # A field that moved names its new place.
+        (
+            "--config.learning_rate=0.1",
+            "--config.learning_rate is now --config.optim.learning_rate",
+        ),
     ],
 )
 def test_bad_override_fails_at_once_naming_the_field(override, named, tmp_path):
@@ -109,8 +116,8 @@ def test_misspelt_field_names_the_likely_one_in_one_line(tmp_path):
     result = _launch("--config=configs/demo.py", f"--workdir={tmp_path}", "--config.batch_szie=3")
     assert result.stderr.strip().splitlines() == [
         "error: unknown config field in a --config.* override: batch_szie. Did you mean "
-        '"batch_size" instead of "batch_szie"? (configs/common.py lists every field with its '
-        "default)"
+        '"batch_size" instead of "batch_szie"? (`python -m alexnet_jax.config_lib` lists every '
+        "field with its default)"
     ]
 
 
@@ -132,7 +139,11 @@ def test_environment_problems_are_one_message_naming_the_flag(problem, tiny_demo
 def test_a_loss_that_is_not_finite_before_any_checkpoint_says_so(tiny_demo_dir, tmp_path):
     workdir = tmp_path / "run"
     flags = tiny_launch_flags(
-        tiny_demo_dir, workdir, learning_rate=1e12, max_steps=4, checkpoint_every_steps=100
+        tiny_demo_dir,
+        workdir,
+        max_steps=4,
+        checkpoint_every_steps=100,
+        **{"optim.learning_rate": 1e12},
     )
     result = _launch(*flags, timeout=300)
     assert result.returncode == 2, result.stderr[-3000:]
