@@ -195,7 +195,7 @@ def evaluate_members(
         batch_size=batch_size,
         preprocessing=raw_pixels,
         ten_crop=ten_crop,
-        num_threads=num_threads,
+        loading=pipeline.Loading(num_threads=num_threads),
         split=split,
         process_index=jax.process_index(),
         process_count=jax.process_count(),

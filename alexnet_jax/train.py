@@ -124,9 +124,7 @@ def evaluate(
     for local in pipeline.eval_iterator(
         dataset,
         batch_size=config.eval_batch_size,
-        num_workers=config.data.num_workers,
-        num_threads=config.data.num_threads,
-        prefetch=config.data.prefetch,
+        loading=pipeline.Loading.from_config(config.data),
         preprocessing=pipeline.Preprocessing.from_config(config.data, dataset),
         process_index=shard_index,
         process_count=shard_count,
@@ -171,6 +169,7 @@ def load_dataset(config: ml_collections.ConfigDict) -> pipeline.Dataset:
             data_dir=config.data.tfds_data_dir,
             stats_images=config.data.tfds_stats_images,
             how_to_prepare=how_to_prepare,
+            cache_dir=data_dir,
         )
     else:
         dataset = pipeline.open_dataset(data_dir, how_to_prepare=how_to_prepare)
@@ -300,9 +299,7 @@ def _train_and_evaluate(
         dataset,
         batch_size=config.batch_size,
         seed=config.seed,
-        num_workers=config.data.num_workers,
-        num_threads=config.data.num_threads,
-        prefetch=config.data.prefetch,
+        loading=pipeline.Loading.from_config(config.data),
         preprocessing=pipeline.Preprocessing.from_config(config.data, dataset),
         # Processes on the same rows of the data axis read the same examples.
         process_index=sharding.process_data_shard(mesh)[0],

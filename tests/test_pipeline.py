@@ -22,9 +22,20 @@ def _take(iterator, n):
     return [next(iterator) for _ in range(n)]
 
 
-def _train(dataset, **kwargs):
-    kwargs = {"batch_size": 16, "seed": 0, "num_threads": 1, **kwargs}
-    return pipeline.train_iterator(dataset, **kwargs)
+def _train(dataset, *, num_threads=1, num_workers=0, preprocessing=None, **kwargs):
+    """The training iterator with the paper's preprocessing, batch 16 and one thread."""
+    return pipeline.train_iterator(
+        dataset,
+        **{"batch_size": 16, "seed": 0, **kwargs},
+        preprocessing=preprocessing or pipeline.Preprocessing.paper(dataset),
+        loading=pipeline.Loading(num_workers=num_workers, num_threads=num_threads),
+    )
+
+
+def train_records(dataset, seed, process_index=0, process_count=1, *, batch_size=1):
+    """This process's raw training records, in the order train_iterator transforms them."""
+    ds = pipeline.shuffled_records(dataset, seed)
+    return pipeline.process_block(ds, batch_size, process_index, process_count)
 
 
 def test_same_seed_same_batches_whatever_the_threads(dataset):
@@ -68,7 +79,7 @@ def _keys(records_ds, n):
 
 def test_every_epoch_is_a_fresh_permutation_of_the_whole_set(dataset):
     n = dataset.num_examples("train")  # 80
-    keys = _keys(pipeline.train_records(dataset, seed=0), 2 * n)
+    keys = _keys(train_records(dataset, seed=0), 2 * n)
     first, second = keys[:n], keys[n:]
     assert sorted(first) == sorted(second) and len(set(first)) == n
     assert first != second
@@ -76,10 +87,8 @@ def test_every_epoch_is_a_fresh_permutation_of_the_whole_set(dataset):
 
 def test_processes_read_disjoint_halves_of_the_global_order(dataset):
     n = dataset.num_examples("train")
-    whole = _keys(pipeline.train_records(dataset, seed=0), n)
-    halves = [
-        _keys(pipeline.train_records(dataset, 0, p, 2, batch_size=16), n // 2) for p in range(2)
-    ]
+    whole = _keys(train_records(dataset, seed=0), n)
+    halves = [_keys(train_records(dataset, 0, p, 2, batch_size=16), n // 2) for p in range(2)]
     # Process p reads the p-th half of every global batch of 16.
     for b in range(n // 16):
         assert halves[0][8 * b : 8 * b + 8] == whole[16 * b : 16 * b + 8]
@@ -135,7 +144,8 @@ def test_preprocessing_from_config_options(dataset):
 
 def test_ten_crop_eval_batches(dataset):
     preprocessing = pipeline.Preprocessing.paper(dataset)
-    kwargs = {"batch_size": 8, "num_threads": 1, "preprocessing": preprocessing}
+    kwargs = {"batch_size": 8, "loading": pipeline.Loading(num_threads=1)}
+    kwargs["preprocessing"] = preprocessing
     ten = list(pipeline.eval_iterator(dataset, ten_crop=True, **kwargs))
     centre = list(pipeline.eval_iterator(dataset, **kwargs))
     assert [b["images"].shape for b in ten] == [(8, 10, 224, 224, 3)] * 2 + [(4, 10, 224, 224, 3)]
@@ -196,5 +206,30 @@ def test_tfds_source_reads_full_size_images_directly(tmp_path):
     assert [b["labels"].tolist() for b in val] == [[0, 1]]
     with pytest.raises(pipeline.DatasetMissingError, match="prepare"):
         pipeline.open_tfds(
-            str(tmp_path / "nothing"), data_dir=None, stats_images=1, how_to_prepare="prepare it"
+            str(tmp_path / "nothing"),
+            data_dir=None,
+            stats_images=1,
+            how_to_prepare="prepare it",
+            cache_dir=str(tmp_path / "cache"),
         )
+
+
+def test_tfds_statistics_are_computed_once_and_cached_beside_the_data(tmp_path, monkeypatch):
+    from tests.test_prepare import build_tiny_tfds
+
+    tfds_dir = build_tiny_tfds(str(tmp_path / "tfds"))
+    cache = tmp_path / "stats"
+    kwargs = {"data_dir": None, "how_to_prepare": "(x)", "cache_dir": str(cache)}
+    first = pipeline.open_tfds(tfds_dir, stats_images=4, **kwargs)
+    assert (cache / pipeline.TFDS_STATISTICS_FILE).is_file()
+    reads = []
+    monkeypatch.setattr(
+        pipeline.writer, "prepare_image", lambda *a, **k: reads.append(1) or (None, [])
+    )
+    again = pipeline.open_tfds(tfds_dir, stats_images=4, **kwargs)  # From the cache: no reads.
+    assert reads == []
+    np.testing.assert_array_equal(again.mean_image(), first.mean_image())
+    assert again.metadata["rgb_eigenvalues"] == first.metadata["rgb_eigenvalues"]
+    with pytest.raises(TypeError):  # Another sample size is recomputed (here: by the stub).
+        pipeline.open_tfds(tfds_dir, stats_images=3, **kwargs)
+    assert reads

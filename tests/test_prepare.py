@@ -483,5 +483,11 @@ def test_a_tfrecord_tfds_build_is_named_with_the_command_that_makes_a_readable_o
     assert "--file_format=array_record" in str(error.value)
     assert "Build it first" not in str(error.value)
     with pytest.raises(pipeline.DatasetMissingError, match=expected) as error:
-        pipeline.open_tfds(data_dir, data_dir=None, stats_images=2, how_to_prepare="(x)")
+        pipeline.open_tfds(
+            data_dir,
+            data_dir=None,
+            stats_images=2,
+            how_to_prepare="(x)",
+            cache_dir=str(tmp_path / "cache"),
+        )
     assert str(error.value).count(expected) == 1 and "Build it with tfds" not in str(error.value)

@@ -25,7 +25,13 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch(tiny_demo_dir):
     state = train.init_state(net, optimizer, seed=0)
     dataset = pipeline.open_dataset(tiny_demo_dir, how_to_prepare="(test data)")
     batch = next(
-        pipeline.train_iterator(dataset, batch_size=16, seed=0, num_threads=1, input_scale=1 / 64)
+        pipeline.train_iterator(
+            dataset,
+            batch_size=16,
+            seed=0,
+            preprocessing=pipeline.Preprocessing.paper(dataset, 1 / 64),
+            loading=pipeline.Loading(num_threads=1),
+        )
     )
     # The demo's schedule is in epochs; 12 steps stay before its drop.
     schedule = optim.learning_rate_schedule(

@@ -20,10 +20,10 @@ from typing import Any
 import grain
 import ml_collections
 import numpy as np
-from absl import flags
+from absl import flags, logging
 from PIL import Image
 
-from alexnet_jax.data import augment, prepare, records, writer
+from alexnet_jax.data import augment, records, sources, writer
 
 CROP_SIZE = augment.CROP_SIZE
 MEAN_SUBTRACTION_MODES = ("image", "channel")
@@ -86,8 +86,10 @@ class TfdsDataset(Dataset):
     """A built tfds dataset (e.g. imagenet2012) read directly, without preparation.
 
     Every read decodes the full-size JPEG and resizes it (the benchmark's
-    "full-size loader" cost, several times the prepared pipeline's), and the
-    mean image and RGB PCA are estimated from a sample of training images.
+    "full-size loader" cost, several times the prepared pipeline's). The
+    mean image and RGB PCA come from an evenly spaced sample of training
+    images, computed once with ``prepare``'s statistics and cached beside
+    the run's data (``TFDS_STATISTICS_FILE`` in ``config.data.dir``).
     """
 
     name: str = ""
@@ -97,26 +99,59 @@ class TfdsDataset(Dataset):
     def source(self, split: str):
         if split not in self.metadata["splits"]:
             raise DatasetMissingError(f"Split {split!r} not in tfds dataset {self.name!r}")
-        spec = prepare.SourceSpec("tfds", self.name, self.tfds_data_dir)
-        return prepare.open_tfds(spec, split)[1]
+        spec = sources.SourceSpec("tfds", self.name, self.tfds_data_dir)
+        return sources.open_tfds(spec, split)[1]
 
     def mean_image(self) -> np.ndarray:
         return self.mean
 
 
+TFDS_STATISTICS_FILE = "tfds_statistics.npz"
+
+
+def _tfds_statistics(train: Any, count: int, cache_dir: str, build: str) -> dict[str, np.ndarray]:
+    """Mean image and RGB eigen-decomposition of ``count`` training images, cached by build."""
+    path = os.path.join(cache_dir, TFDS_STATISTICS_FILE)
+    key = np.asarray(f"{build}|{len(train)}|{count}")
+    if os.path.isfile(path):
+        with np.load(path) as cached:
+            if cached["key"] == key:
+                return dict(cached)
+    stats = writer.RgbStatistics()
+    for index in np.linspace(0, len(train) - 1, count).astype(int):
+        image, _ = writer.prepare_image(train[int(index)]["image"])
+        stats.add(np.asarray(image))
+    values, vectors = stats.eigen()
+    result = {"key": key, "mean": stats.mean_image(), "values": values, "vectors": vectors}
+    try:  # Atomic, so processes computing the same statistics at once cannot tear the file.
+        os.makedirs(cache_dir, exist_ok=True)
+        partial = f"{path}.{os.getpid()}.tmp.npz"
+        np.savez(partial, **result)
+        os.replace(partial, path)
+    except OSError as e:
+        logging.warning("Could not cache the tfds statistics in %s (%s)", cache_dir, e)
+    return result
+
+
 def open_tfds(
-    name: str, *, data_dir: str | None, stats_images: int, how_to_prepare: str
+    name: str,
+    *,
+    data_dir: str | None,
+    stats_images: int,
+    how_to_prepare: str,
+    cache_dir: str,
 ) -> TfdsDataset:
     """Opens a built tfds dataset for direct reading; statistics from ``stats_images`` images.
 
     ``name`` is a registered tfds name (with ``data_dir``) or a built dataset's
     directory. The sample is evenly spaced over the training split, so the
-    statistics are the same on every run and every process.
+    statistics are the same on every run and every process; they are cached
+    in ``cache_dir`` and recomputed only for another build or sample size.
     """
-    spec = prepare.SourceSpec("tfds", os.path.expanduser(name), data_dir or None)
+    spec = sources.SourceSpec("tfds", os.path.expanduser(name), data_dir or None)
     try:
-        builder, train = prepare.open_tfds(spec, "train")
-    except prepare.SourceError as e:  # Built, but not readable as it is: the message says why.
+        builder, train = sources.open_tfds(spec, "train")
+    except sources.SourceError as e:  # Built, but not readable as it is: the message says why.
         raise DatasetMissingError(str(e)) from None
     except Exception as e:  # tfds raises several types for "not built here".
         raise DatasetMissingError(
@@ -124,26 +159,23 @@ def open_tfds(
             f"Build it with tfds, or prepare the ILSVRC files instead:\n  {how_to_prepare}"
         ) from e
     splits = {}
-    for split in prepare.SPLITS:
+    for split in sources.SPLITS:
         try:
-            splits[split] = {"num_examples": len(prepare.open_tfds(spec, split)[1])}
+            splits[split] = {"num_examples": len(sources.open_tfds(spec, split)[1])}
         except Exception:  # A split the dataset does not have.
             continue
-    stats = writer.RgbStatistics()
     count = min(stats_images, len(train))
-    for index in np.linspace(0, len(train) - 1, count).astype(int):
-        image, _ = writer.prepare_image(train[int(index)]["image"])
-        stats.add(np.asarray(image))
-    values, vectors = stats.eigen()
+    build = sources.tfds_build_dir(spec) or spec.location
+    stats = _tfds_statistics(train, count, os.path.expanduser(cache_dir), build)
     metadata = {
         "name": name,
         "classes": [{"id": c, "name": c} for c in builder.info.features["label"].names],
         "splits": splits,
-        "rgb_eigenvalues": values.tolist(),
-        "rgb_eigenvectors": vectors.tolist(),
+        "rgb_eigenvalues": stats["values"].tolist(),
+        "rgb_eigenvectors": stats["vectors"].tolist(),
         "statistics_from_images": count,
     }
-    return TfdsDataset(spec.location, metadata, spec.location, data_dir, stats.mean_image())
+    return TfdsDataset(spec.location, metadata, spec.location, data_dir, stats["mean"])
 
 
 def decode_jpeg(jpeg: bytes) -> np.ndarray:
@@ -262,32 +294,40 @@ class EvalTransform(grain.transforms.Map):
         return {"images": image, "labels": np.int32(label)}
 
 
-def _batched_iter(
-    ds: grain.MapDataset,
-    *,
-    batch_size: int,
-    drop_remainder: bool,
-    num_workers: int,
-    num_threads: int,
-    prefetch: int,
-) -> grain.IterDataset:
+@dataclasses.dataclass(frozen=True)
+class Loading:
+    """How records are read and decoded (``config.data``): it never changes the batches."""
+
+    num_workers: int = 0  # Worker processes that each build whole batches; 0 = in-process.
+    num_threads: int = 2  # Reader threads per process.
+    prefetch: int = 0  # Records decoded ahead; 0 = two batches' worth.
+
+    @classmethod
+    def from_config(cls, data_config: ml_collections.ConfigDict) -> Loading:
+        d = data_config
+        return cls(num_workers=d.num_workers, num_threads=d.num_threads, prefetch=d.prefetch)
+
+
+def _local_batches(
+    ds: grain.MapDataset, batch_size: int, *, drop_remainder: bool, loading: Loading
+) -> grain.DatasetIterator:
     """Threads decode single records into a prefetch buffer; batches are stacked after.
 
     Parallelism over records (not whole batches) keeps every thread busy for
-    any batch size. ``num_workers`` > 0 moves the work to processes that each
-    build whole batches. ``prefetch`` counts records; 0 means two batches' worth.
+    any batch size. With worker processes, each builds whole batches.
     """
-    buffer = prefetch if prefetch > 0 else 2 * batch_size
-    read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(buffer, num_threads))
-    if num_workers == 0:
-        return ds.to_iter_dataset(read).batch(batch_size, drop_remainder=drop_remainder)
+    threads = loading.num_threads
+    if loading.num_workers == 0:
+        buffer = loading.prefetch if loading.prefetch > 0 else 2 * batch_size
+        read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(buffer, threads))
+        return iter(ds.to_iter_dataset(read).batch(batch_size, drop_remainder=drop_remainder))
     # Workers take whole batches in turn (k, k + num_workers, ...), so batches are
     # the same as without workers; batching inside each worker would regroup them.
-    read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2)
+    read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2)
     it = ds.batch(batch_size, drop_remainder=drop_remainder).to_iter_dataset(read)
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags (defaults suffice).
-    return it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return iter(it.mp_prefetch(grain.MultiprocessingOptions(num_workers=loading.num_workers)))
 
 
 class _ProcessBlocks(grain.MapDataset):
@@ -315,25 +355,15 @@ class _ProcessBlocks(grain.MapDataset):
         return self._parents[0][batch * self._global_batch + self._offset + within]
 
 
-def train_records(
-    dataset: Dataset,
-    seed: int,
-    process_index: int = 0,
-    process_count: int = 1,
-    *,
-    batch_size: int = 1,
+def shuffled_records(dataset: Dataset, seed: int) -> grain.MapDataset:
+    """The endless training order: the whole set reshuffled every epoch from ``seed``."""
+    return grain.MapDataset.source(dataset.source("train")).seed(seed).shuffle().repeat(None)
+
+
+def process_block(
+    ds: grain.MapDataset, batch_size: int, index: int, count: int
 ) -> grain.MapDataset:
-    """This process's endless stream of raw training records, in the global shuffled order.
-
-    The whole training set is reshuffled every epoch from ``seed``; process
-    ``p`` reads the ``p``-th of ``process_count`` contiguous blocks of every
-    global batch of ``batch_size``.
-    """
-    ds = grain.MapDataset.source(dataset.source("train")).seed(seed).shuffle().repeat(None)
-    return _blocks(ds, batch_size, process_index, process_count)
-
-
-def _blocks(ds: grain.MapDataset, batch_size: int, index: int, count: int) -> grain.MapDataset:
+    """Process ``index``'s contiguous block of every global batch of ``batch_size``."""
     if batch_size % count:
         raise ValueError(f"batch_size {batch_size} is not divisible by {count} processes")
     return ds if count == 1 else _ProcessBlocks(ds, batch_size, index, count)
@@ -344,48 +374,31 @@ def train_iterator(
     *,
     batch_size: int,
     seed: int,
-    preprocessing: Preprocessing | None = None,
-    input_scale: float = 1.0,
-    num_workers: int = 0,
-    num_threads: int = 2,
-    prefetch: int = 0,
+    preprocessing: Preprocessing,
+    loading: Loading = Loading(),
     process_index: int = 0,
     process_count: int = 1,
 ) -> grain.DatasetIterator:
     """Endless, checkpointable iterator of host-local training batches.
 
-    The whole training set is reshuffled every epoch from ``seed``. Each
-    record's random crop, flip and colour noise are drawn from its position in
-    that global order, before the order is split between processes, so the
-    global batch (the processes' blocks in process order) is identical for any
-    number of processes. ``batch_size`` is global. Without ``preprocessing``,
-    the paper's (``Preprocessing.paper``) at ``input_scale``.
+    Each record's random crop, flip and colour noise are drawn from its
+    position in the global order (``shuffled_records``), before the order is
+    split between processes, so the global batch (the processes' blocks in
+    process order) is identical for any number of processes. ``batch_size``
+    is global.
     """
-    preprocessing = preprocessing or Preprocessing.paper(dataset, input_scale)
-    ds = grain.MapDataset.source(dataset.source("train")).seed(seed).shuffle().repeat(None)
-    ds = ds.random_map(TrainTransform(preprocessing))
-    ds = _blocks(ds, batch_size, process_index, process_count)
-    it = _batched_iter(
-        ds,
-        batch_size=batch_size // process_count,
-        drop_remainder=True,
-        num_workers=num_workers,
-        num_threads=num_threads,
-        prefetch=prefetch,
-    )
-    return iter(it)
+    ds = shuffled_records(dataset, seed).random_map(TrainTransform(preprocessing))
+    ds = process_block(ds, batch_size, process_index, process_count)
+    return _local_batches(ds, batch_size // process_count, drop_remainder=True, loading=loading)
 
 
 def eval_iterator(
     dataset: Dataset,
     *,
     batch_size: int,
-    preprocessing: Preprocessing | None = None,
-    input_scale: float = 1.0,
+    preprocessing: Preprocessing,
+    loading: Loading = Loading(),
     ten_crop: bool = False,
-    num_workers: int = 0,
-    num_threads: int = 2,
-    prefetch: int = 0,
     split: str = "val",
     process_index: int = 0,
     process_count: int = 1,
@@ -394,20 +407,10 @@ def eval_iterator(
 
     Images are B x crop x crop x 3 (centre patch), or with ``ten_crop``
     B x 10 x crop x crop x 3; average the softmax over axis 1 with
-    ``augment.average_crop_softmax``. Without ``preprocessing``, the paper's
-    at ``input_scale`` (PCA noise is never applied in evaluation).
+    ``augment.average_crop_softmax``. PCA noise is never applied here.
     """
-    preprocessing = preprocessing or Preprocessing.paper(dataset, input_scale)
     ds = grain.MapDataset.source(dataset.source(split))[process_index::process_count]
     ds = ds.map(EvalTransform(preprocessing, ten_crop=ten_crop))
-    if ten_crop and prefetch == 0:
-        prefetch = min(2 * (batch_size // process_count), 64)  # Each record is 10 crops.
-    it = _batched_iter(
-        ds,
-        batch_size=batch_size // process_count,
-        drop_remainder=False,
-        num_workers=num_workers,
-        num_threads=num_threads,
-        prefetch=prefetch,
-    )
-    return iter(it)
+    if ten_crop and loading.prefetch == 0:  # Each record is 10 crops: a smaller buffer.
+        loading = dataclasses.replace(loading, prefetch=min(2 * (batch_size // process_count), 64))
+    return _local_batches(ds, batch_size // process_count, drop_remainder=False, loading=loading)

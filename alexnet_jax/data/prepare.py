@@ -52,11 +52,10 @@ from absl import app, flags, logging
 from PIL import Image
 
 from alexnet_jax.data import records, writer
+from alexnet_jax.data.sources import SPLITS, SourceError, SourceSpec, open_tfds
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
-SPLITS = ("train", "val")
-TFDS_SPLITS = {"train": "train", "val": "validation"}
 PROGRESS_DIR = "_progress"
 DEFAULT_EXAMPLES_PER_SHARD = 1024
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -67,10 +66,6 @@ VAL_NUMBER = re.compile(r"ILSVRC2012_val_(\d{8})")
 # listed in metadata["bad_files"] and left out.
 CONVERTED_KINDS = ("grayscale", "cmyk", "other_mode", "high_depth", "not_jpeg")
 BAD_KINDS = ("unreadable", "empty", "truncated", "undecodable", "unknown_label")
-
-
-class SourceError(ValueError):
-    """The --source path is missing or is not one of the accepted layouts."""
 
 
 class WorkerError(RuntimeError):
@@ -129,15 +124,6 @@ def read_class_names(path: str | None) -> dict[str, str]:
 # A reference is a tuple whose first element says how to read it:
 #   ("file", path, label, key)  ("tar", path, offset, size, label, key)
 #   ("tfds", index)             (label and key come from the record)
-
-
-@dataclasses.dataclass(frozen=True)
-class SourceSpec:
-    """What worker processes need to open the source (picklable, small)."""
-
-    kind: str  # "tars", "folder" or "tfds"
-    location: str  # The directory, or the tfds dataset name.
-    tfds_data_dir: str | None = None
 
 
 @dataclasses.dataclass
@@ -288,64 +274,6 @@ def _list_folder(spec: SourceSpec, splits: Sequence[str]) -> SourceListing:
                 else:
                     unknown[split].append((key, f"no known label for {name!r} ({wnid})"))
     return SourceListing(spec, classes, items, dict(unknown), dict(skipped))
-
-
-def _tfds_build_dir(spec: SourceSpec) -> str | None:
-    """The directory of the tfds build ``spec`` names (newest version), if it exists."""
-    if os.path.isdir(spec.location):
-        return spec.location
-    root = os.path.join(
-        os.path.expanduser(
-            spec.tfds_data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
-        ),
-        spec.location,
-    )
-    if not os.path.isdir(root):
-        return None
-    versions = sorted(v for v in os.listdir(root) if os.path.isdir(os.path.join(root, v)))
-    return os.path.join(root, versions[-1]) if versions else None
-
-
-def check_tfds_file_format(spec: SourceSpec) -> None:
-    """SourceError for a TFRecord build: random access (tfds.data_source) needs array_record."""
-    build = _tfds_build_dir(spec)
-    info = os.path.join(build, "dataset_info.json") if build else ""
-    if not os.path.isfile(info):
-        return
-    with open(info) as f:
-        file_format = json.load(f).get("fileFormat", "tfrecord")  # tfds's historical default.
-    if file_format == "array_record":
-        return
-    name = os.path.basename(os.path.dirname(build.rstrip("/")))
-    raise SourceError(
-        f"The tfds dataset in {build} is built as {file_format} files, but alexnet_jax reads tfds "
-        "datasets by random access (tfds.data_source, no TensorFlow), which needs an array_record "
-        f"build. Rebuild it once with `tfds build {name} --file_format=array_record` (or "
-        "builder.download_and_prepare(file_format='array_record')), or prepare the ILSVRC tars "
-        "instead: python -m alexnet_jax.data.prepare --source=<dir with the ILSVRC2012 tars> "
-        "--output_dir=<prepared dir>."
-    )
-
-
-def open_tfds(spec: SourceSpec, split: str):
-    """A tfds random-access source yielding raw image bytes (no TensorFlow needed)."""
-    import tensorflow_datasets as tfds
-
-    check_tfds_file_format(spec)
-
-    decoders = {"image": tfds.decode.SkipDecoding()}
-    if os.path.isdir(spec.location):
-        builder = tfds.builder_from_directory(spec.location)
-        return builder, builder.as_data_source(split=TFDS_SPLITS[split], decoders=decoders)
-    builder = tfds.builder(spec.location, data_dir=spec.tfds_data_dir)
-    source = tfds.data_source(
-        spec.location,
-        split=TFDS_SPLITS[split],
-        data_dir=spec.tfds_data_dir,
-        download=False,
-        decoders=decoders,
-    )
-    return builder, source
 
 
 def _list_tfds(spec: SourceSpec, splits: Sequence[str]) -> SourceListing:
