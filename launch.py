@@ -14,7 +14,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from alexnet_jax import allocator, checkpoint, cli, config_lib, run_control, train, tuning
+from alexnet_jax import allocator, cli, config_lib, train, tuning
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/demo.py.", lock_config=True
@@ -101,17 +101,11 @@ def main(argv):
             jax.local_devices(),
         )
         train.train_and_evaluate(_CONFIG.value, workdir)
-    except (
-        config_lib.ConfigError,
-        tuning.SettingError,
-        FileNotFoundError,
-        run_control.WorkdirInUseError,
-        checkpoint.CheckpointSaveError,
-        FloatingPointError,
-    ) as e:
-        _fail(str(e))  # Once, on stderr (not also as a log line).
-    except checkpoint.NoUsableCheckpointError as e:
-        _fail(str(e), cli.EXIT_NO_CHECKPOINT)
+    except Exception as e:
+        code = cli.exit_code(e)  # The one mapping of user errors to exit codes (cli.py).
+        if code is None:
+            raise  # A bug: keep its traceback.
+        _fail(str(e), code)  # Once, on stderr (not also as a log line).
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""What every command shares: the same log filtering and the same exit codes."""
+"""What every command shares: log filtering, exit codes, error reporting, checkpoint flags."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ import logging as std_logging
 import sys
 import threading
 import traceback
+from collections.abc import Callable
 from typing import Any
 
-from absl import logging
+from absl import flags, logging
+from ml_collections import config_flags
 
 # Exit codes of every command (README, "Checkpoints and faults").
 EXIT_OK = 0
@@ -66,3 +68,52 @@ def quiet_library_logs() -> None:
     logging.get_absl_handler().addFilter(QuietLibraryLogs())
     sys.unraisablehook = _quiet_unraisable
     threading.excepthook = _quiet_thread_exceptions
+
+
+def exit_code(error: BaseException) -> int | None:
+    """The exit code for a user or environment error; None for a bug (keep its traceback).
+
+    The one mapping for every command. Imported here, not at the top, so that
+    light commands (prepare and its workers) do not load JAX to report an error.
+    """
+    from alexnet_jax import checkpoint, config_lib, inference, run_control, tuning
+
+    if isinstance(error, inference.CheckpointMissingError | checkpoint.NoUsableCheckpointError):
+        return EXIT_NO_CHECKPOINT
+    usage = (
+        config_lib.ConfigError,
+        tuning.SettingError,
+        run_control.WorkdirInUseError,
+        checkpoint.CheckpointSaveError,
+        FloatingPointError,
+        FileNotFoundError,
+        ValueError,
+    )
+    return EXIT_USAGE if isinstance(error, usage) else None
+
+
+def run_reporting_errors(body: Callable[[], int]) -> int:
+    """``body()``; a user or environment error is one ``error:`` line on stderr and its code."""
+    try:
+        return body()
+    except Exception as e:
+        code = exit_code(e)
+        if code is None:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return code
+
+
+def define_checkpoint_flags() -> None:
+    """--workdir, --step, --data_dir, --config: how every tool names the model it loads."""
+    flags.DEFINE_string("workdir", None, "Training workdir holding the checkpoints.")
+    flags.DEFINE_integer("step", None, "Checkpoint step to use (default: the newest usable).")
+    flags.DEFINE_string(
+        "data_dir", None, "Prepared dataset (class names, mean image); default: the run's config."
+    )
+    config_flags.DEFINE_config_file(
+        "config",
+        None,
+        "Config file of the run (e.g. configs/demo.py), only for checkpoints saved without one.",
+        lock_config=True,
+    )

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from alexnet_jax import checkpoint, cli, inference, metrics, sharding, tuning
+from alexnet_jax import checkpoint, cli, inference, metrics, progress, sharding, tuning
 from alexnet_jax.data import augment, pipeline
 
 CENTRE_VIEW = augment.TEN_CROP_POSITIONS.index("centre")  # The centre patch among the ten.
@@ -155,12 +155,6 @@ def make_batch_fn(members: Sequence[Member], *, ten_crop: bool):
     return batch_errors
 
 
-def _eta(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    h, rem = divmod(seconds, 3600)
-    return f"{h}h{rem // 60:02d}m{rem % 60:02d}s" if h else f"{rem // 60}m{rem % 60:02d}s"
-
-
 def evaluate_members(
     members: Sequence[Member],
     *,
@@ -209,7 +203,8 @@ def evaluate_members(
         batch_size,
     )
     totals: dict[str, float] = {}
-    seen, start, last_report = 0, time.time(), time.time()
+    seen, start = 0, time.time()
+    shown = progress.Progress(total, unit="images", every_seconds=progress_every_s)
     for local in iterator:
         if seen >= total:
             break
@@ -222,18 +217,7 @@ def evaluate_members(
         for key, value in sums.items():
             totals[key] = totals.get(key, 0.0) + float(np.asarray(value.addressable_data(0)))
         seen += keep * jax.process_count()
-        now = time.time()
-        if now - last_report >= progress_every_s or seen >= total:
-            rate = seen / max(now - start, 1e-9)
-            logging.info(
-                "%d/%d images (%.0f%%), %.1f img/s, ETA %s",
-                seen,
-                total,
-                100 * seen / max(total, 1),
-                rate,
-                _eta((total - seen) / max(rate, 1e-9)),
-            )
-            last_report = now
+        shown.update(keep * jax.process_count())
     count = max(totals.pop("count", 0.0), 1.0)
 
     rows = []
@@ -289,45 +273,39 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-# evaluate's own flag set: predict (imported for its model loader) defines flags of the
-# same names in absl's global set, which stay unparsed at their defaults.
-_FLAGS = flags.FlagValues()
-_WORKDIR = flags.DEFINE_multi_string(
-    "workdir",
-    None,
-    "Training workdir(s); more may follow the flags as arguments (an ensemble).",
-    flag_values=_FLAGS,
-)
-_TEN_CROP = flags.DEFINE_bool(
-    "ten_crop", False, "Also report the paper's 10-patch softmax average.", flag_values=_FLAGS
-)
-_CHECKPOINT = flags.DEFINE_string(
-    "checkpoint",
-    "latest",
-    "Which checkpoint: 'latest', 'best' (lowest val error) or a step.",
-    flag_values=_FLAGS,
-)
-_DATA_DIR = flags.DEFINE_string(
-    "data_dir",
-    None,
-    "Prepared dataset to evaluate on (default: the one the runs trained on).",
-    flag_values=_FLAGS,
-)
-_SPLIT = flags.DEFINE_string("split", "val", "Split of the prepared dataset.", flag_values=_FLAGS)
-_BATCH_SIZE = flags.DEFINE_integer(
-    "batch_size", 64, "Images per forward pass (all devices).", flag_values=_FLAGS
-)
-_MAX_EXAMPLES = flags.DEFINE_integer(
-    "max_examples", 0, "Evaluate only this many images (0: all).", flag_values=_FLAGS
-)
-_NUM_THREADS = flags.DEFINE_integer("num_threads", 2, "Decoding threads.", flag_values=_FLAGS)
-_OUTPUT = flags.DEFINE_string(
-    "output",
-    None,
-    "JSON report path (default: <first workdir>/evaluation_<what was evaluated>.json, see "
-    "report_filename; an existing file is never replaced).",
-    flag_values=_FLAGS,
-)
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command's flags, defined only when it runs (tools never clash on import)."""
+    # evaluate's own flag set: predict (imported for its model loader) defines flags of the
+    # same names in absl's global set, which stay unparsed at their defaults.
+    flags.DEFINE_multi_string(
+        "workdir",
+        None,
+        "Training workdir(s); more may follow the flags as arguments (an ensemble).",
+    )
+    flags.DEFINE_bool("ten_crop", False, "Also report the paper's 10-patch softmax average.")
+    flags.DEFINE_string(
+        "checkpoint",
+        "latest",
+        "Which checkpoint: 'latest', 'best' (lowest val error) or a step.",
+    )
+    flags.DEFINE_string(
+        "data_dir",
+        None,
+        "Prepared dataset to evaluate on (default: the one the runs trained on).",
+    )
+    flags.DEFINE_string("split", "val", "Split of the prepared dataset.")
+    flags.DEFINE_integer("batch_size", 64, "Images per forward pass (all devices).")
+    flags.DEFINE_integer("max_examples", 0, "Evaluate only this many images (0: all).")
+    flags.DEFINE_integer("num_threads", 2, "Decoding threads.")
+    flags.DEFINE_string(
+        "output",
+        None,
+        "JSON report path (default: <first workdir>/evaluation_<what was evaluated>.json, see "
+        "report_filename; an existing file is never replaced).",
+    )
 
 
 def report_filename(
@@ -352,48 +330,31 @@ def unused_path(path: str) -> str:
     return candidate
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
-        print(__doc__)
-        print(_FLAGS.get_help())
-        sys.exit(0)
-    try:
-        remaining = _FLAGS(argv)
-    except flags.Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    flags.FLAGS.mark_as_parsed()  # absl logging reads the global set.
-    return remaining
-
-
 def main(argv: Sequence[str]) -> int:
+    return cli.run_reporting_errors(lambda: _run(argv))
+
+
+def _run(argv: Sequence[str]) -> int:
     cli.quiet_library_logs()
-    workdirs = list(_WORKDIR.value or []) + list(argv[1:])
+    workdirs = list(FLAGS.workdir or []) + list(argv[1:])
     if not workdirs:
         raise app.UsageError("Give --workdir=DIR (and optionally more workdirs as arguments)")
-    if _BATCH_SIZE.value < 1:
+    if FLAGS.batch_size < 1:
         raise app.UsageError("--batch_size must be >= 1")
-    try:
-        tuning.configure_process()  # Before JAX starts its backends.
-        members = load_members(workdirs, which=_CHECKPOINT.value, data_dir=_DATA_DIR.value)
-        report = evaluate_members(
-            members,
-            ten_crop=_TEN_CROP.value,
-            split=_SPLIT.value,
-            batch_size=_BATCH_SIZE.value,
-            max_examples=_MAX_EXAMPLES.value,
-            num_threads=_NUM_THREADS.value,
-        )
-    except (inference.CheckpointMissingError, checkpoint.NoUsableCheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return cli.EXIT_NO_CHECKPOINT
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return cli.EXIT_USAGE
-    output = _OUTPUT.value or os.path.join(
+    tuning.configure_process()  # Before JAX starts its backends.
+    members = load_members(workdirs, which=FLAGS.checkpoint, data_dir=FLAGS.data_dir)
+    report = evaluate_members(
+        members,
+        ten_crop=FLAGS.ten_crop,
+        split=FLAGS.split,
+        batch_size=FLAGS.batch_size,
+        max_examples=FLAGS.max_examples,
+        num_threads=FLAGS.num_threads,
+    )
+    output = FLAGS.output or os.path.join(
         members[0].workdir,
         report_filename(
-            members, ten_crop=_TEN_CROP.value, split=_SPLIT.value, max_examples=_MAX_EXAMPLES.value
+            members, ten_crop=FLAGS.ten_crop, split=FLAGS.split, max_examples=FLAGS.max_examples
         ),
     )
     output = unused_path(output)
@@ -405,4 +366,5 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)), flags_parser=_parse_flags)
+    define_flags()
+    app.run(lambda argv: sys.exit(main(argv)))

@@ -22,9 +22,8 @@ from typing import Any
 
 import numpy as np
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from alexnet_jax import checkpoint, cli, inference, tuning
+from alexnet_jax import cli, inference, tuning
 from alexnet_jax.data import writer
 
 TOP_K = 5
@@ -143,56 +142,50 @@ def format_text(results: Sequence[dict[str, Any]], errors: Sequence[dict[str, st
     return "\n".join(lines)
 
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding the checkpoints.")
-_TEN_CROP = flags.DEFINE_bool(
-    "ten_crop", False, "Average the softmax over the paper's 10 patches instead of the centre one."
-)
-_JSON = flags.DEFINE_bool("json", False, "Print the results as JSON instead of text.")
-_TOP_K = flags.DEFINE_integer("top_k", TOP_K, "How many classes to list per image.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Images per forward pass.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to use (default: the latest).")
-_DATA_DIR = flags.DEFINE_string(
-    "data_dir", None, "Prepared dataset (class names, mean image); default: the run's config."
-)
-_CONFIG = config_flags.DEFINE_config_file(
-    "config",
-    None,
-    "Config file of the run (e.g. configs/demo.py), only for checkpoints saved without one.",
-    lock_config=True,
-)
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command's flags, defined only when it runs (tools never clash on import)."""
+    cli.define_checkpoint_flags()
+    flags.DEFINE_bool(
+        "ten_crop",
+        False,
+        "Average the softmax over the paper's 10 patches, not the centre one.",
+    )
+    flags.DEFINE_bool("json", False, "Print the results as JSON instead of text.")
+    flags.DEFINE_integer("top_k", TOP_K, "How many classes to list per image.")
+    flags.DEFINE_integer("batch_size", 32, "Images per forward pass.")
 
 
 def main(argv: Sequence[str]) -> int:
+    return cli.run_reporting_errors(lambda: _run(argv))
+
+
+def _run(argv: Sequence[str]) -> int:
     cli.quiet_library_logs()
     paths = list(argv[1:])
-    if not _WORKDIR.value:
+    if not FLAGS.workdir:
         raise app.UsageError("--workdir is required")
     if not paths:
         raise app.UsageError("Give one or more image files after the flags")
-    if _TOP_K.value < 1 or _BATCH_SIZE.value < 1:
+    if FLAGS.top_k < 1 or FLAGS.batch_size < 1:
         raise app.UsageError("--top_k and --batch_size must be >= 1")
-    try:
-        tuning.configure_process()  # Before JAX starts its backends.
-        trained = inference.load_trained(
-            _WORKDIR.value, config=_CONFIG.value, data_dir=_DATA_DIR.value, step=_STEP.value
-        )
-    except (inference.CheckpointMissingError, checkpoint.NoUsableCheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return cli.EXIT_NO_CHECKPOINT
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return cli.EXIT_USAGE
+    tuning.configure_process()  # Before JAX starts its backends.
+    trained = inference.load_trained(
+        FLAGS.workdir, config=FLAGS.config, data_dir=FLAGS.data_dir, step=FLAGS.step
+    )
     logging.info(
-        "Restored step %d from %s (%d classes)", trained.step, _WORKDIR.value, len(trained.classes)
+        "Restored step %d from %s (%d classes)", trained.step, FLAGS.workdir, len(trained.classes)
     )
     results, errors = predict_files(
-        trained, paths, ten_crop=_TEN_CROP.value, batch_size=_BATCH_SIZE.value, k=_TOP_K.value
+        trained, paths, ten_crop=FLAGS.ten_crop, batch_size=FLAGS.batch_size, k=FLAGS.top_k
     )
-    if _JSON.value:
+    if FLAGS.json:
         report = {
-            "workdir": _WORKDIR.value,
+            "workdir": FLAGS.workdir,
             "checkpoint_step": trained.step,
-            "ten_crop": _TEN_CROP.value,
+            "ten_crop": FLAGS.ten_crop,
             "results": results,
             "errors": errors,
         }
@@ -206,4 +199,5 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(lambda argv: sys.exit(main(argv)))

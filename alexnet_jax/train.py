@@ -16,7 +16,16 @@ import numpy as np
 import optax
 from absl import logging
 
-from alexnet_jax import checkpoint, config_lib, inference, metrics, optim, run_control, sharding
+from alexnet_jax import (
+    checkpoint,
+    config_lib,
+    inference,
+    metrics,
+    optim,
+    progress,
+    run_control,
+    sharding,
+)
 from alexnet_jax.data import demo, pipeline
 from alexnet_jax.model import AlexNet
 
@@ -179,13 +188,6 @@ def load_dataset(config: ml_collections.ConfigDict) -> pipeline.Dataset:
             f"{data_dir} has {dataset.num_classes} classes"
         )
     return dataset
-
-
-def _format_eta(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
 def _last_good(ckpt: checkpoint.Checkpointer) -> str:
@@ -380,7 +382,7 @@ def _train_and_evaluate(
                 means["top5_error"],
                 means["learning_rate"],
                 images_per_sec,
-                _format_eta(seconds_per_step * (total_steps - step)),
+                progress.format_duration(seconds_per_step * (total_steps - step)),
             )
 
         evaluated = step % eval_every_steps == 0 or step == total_steps

@@ -31,7 +31,6 @@ from alexnet_jax import (
     checkpoint,
     cli,
     inference,
-    predict,  # noqa: F401 - defines --workdir, --config, --step, --data_dir.
     tuning,
 )
 from alexnet_jax.data import pipeline, records
@@ -444,28 +443,26 @@ def steps_per_epoch(workdir: str, fallback_config=None) -> float | None:
 # ---------------------------------------------------------------------------
 # Command line.
 
-_OUTPUT = flags.DEFINE_string(
-    "output", None, "PNG to write; default WORKDIR/figures/<command>.png."
-)
-_COLUMNS = flags.DEFINE_integer("columns", 16, "filters: kernels per row (the paper: 16).")
-_SCALE = flags.DEFINE_integer("scale", 4, "filters: screen pixels per kernel weight.")
-_NUM_QUERIES = flags.DEFINE_integer(
-    "num_queries", 5, "neighbours: random query images (the paper: 5)."
-)
-_QUERY_SPLIT = flags.DEFINE_string("query_split", "val", "neighbours: split the queries come from.")
-_QUERY_INDICES = flags.DEFINE_list(
-    "query_indices", None, "neighbours: these query indices instead."
-)
-_GALLERY_SPLIT = flags.DEFINE_string("gallery_split", "train", "neighbours: split searched.")
-_GALLERY_SIZE = flags.DEFINE_integer(
-    "gallery_size", 0, "neighbours: search about this many evenly spaced images; 0 = all."
-)
-_NEIGHBOURS = flags.DEFINE_integer("neighbours", 6, "neighbours: per query (the paper: 6).")
-_THUMB = flags.DEFINE_integer("thumb_size", 96, "neighbours: thumbnail side in pixels.")
-_SEED = flags.DEFINE_integer("seed", 0, "neighbours: picks the random queries.")
 FLAGS = flags.FLAGS
-for _name in ("workdir", "config", "step", "data_dir", "batch_size"):
-    flags.declare_key_flag(_name)  # Defined in predict.py, shared.
+
+
+def define_flags() -> None:
+    """The command's flags, defined only when it runs (tools never clash on import)."""
+    cli.define_checkpoint_flags()
+    flags.DEFINE_integer("batch_size", 32, "neighbours: images per forward pass.")
+    flags.DEFINE_string("output", None, "PNG to write; default WORKDIR/figures/<command>.png.")
+    flags.DEFINE_integer("columns", 16, "filters: kernels per row (the paper: 16).")
+    flags.DEFINE_integer("scale", 4, "filters: screen pixels per kernel weight.")
+    flags.DEFINE_integer("num_queries", 5, "neighbours: random query images (the paper: 5).")
+    flags.DEFINE_string("query_split", "val", "neighbours: split the queries come from.")
+    flags.DEFINE_list("query_indices", None, "neighbours: these query indices instead.")
+    flags.DEFINE_string("gallery_split", "train", "neighbours: split searched.")
+    flags.DEFINE_integer(
+        "gallery_size", 0, "neighbours: search about this many evenly spaced images; 0 = all."
+    )
+    flags.DEFINE_integer("neighbours", 6, "neighbours: per query (the paper: 6).")
+    flags.DEFINE_integer("thumb_size", 96, "neighbours: thumbnail side in pixels.")
+    flags.DEFINE_integer("seed", 0, "neighbours: picks the random queries.")
 
 
 def _load() -> inference.TrainedModel:
@@ -481,7 +478,7 @@ def _load() -> inference.TrainedModel:
 
 def run_filters() -> str:
     trained = _load()
-    grid = filter_grid(conv1_kernels(trained.params), columns=_COLUMNS.value, scale=_SCALE.value)
+    grid = filter_grid(conv1_kernels(trained.params), columns=FLAGS.columns, scale=FLAGS.scale)
     return save_png(grid, _output_path("filters"))
 
 
@@ -499,27 +496,27 @@ def run_neighbours(image_paths: Sequence[str]) -> str:
             raise ValueError("None of the query images could be read")
         query_images, labels = np.stack(images), [None] * len(images)
     else:
-        n = trained.dataset.num_examples(_QUERY_SPLIT.value)
-        if _QUERY_INDICES.value:
-            indices = [int(i) for i in _QUERY_INDICES.value]
+        n = trained.dataset.num_examples(FLAGS.query_split)
+        if FLAGS.query_indices:
+            indices = [int(i) for i in FLAGS.query_indices]
             bad = [i for i in indices if not 0 <= i < n]
             if bad:
                 raise ValueError(
-                    f"--query_indices {bad} outside the {n} {_QUERY_SPLIT.value} images"
+                    f"--query_indices {bad} outside the {n} {FLAGS.query_split} images"
                 )
         else:
-            rng = np.random.default_rng(_SEED.value)
-            indices = sorted(rng.choice(n, min(_NUM_QUERIES.value, n), replace=False).tolist())
-        query_images, names, labels = split_images(trained.dataset, _QUERY_SPLIT.value, indices)
-    gallery_n = trained.dataset.num_examples(_GALLERY_SPLIT.value)
-    stride = max(1, gallery_n // _GALLERY_SIZE.value) if _GALLERY_SIZE.value > 0 else 1
+            rng = np.random.default_rng(FLAGS.seed)
+            indices = sorted(rng.choice(n, min(FLAGS.num_queries, n), replace=False).tolist())
+        query_images, names, labels = split_images(trained.dataset, FLAGS.query_split, indices)
+    gallery_n = trained.dataset.num_examples(FLAGS.gallery_split)
+    stride = max(1, gallery_n // FLAGS.gallery_size) if FLAGS.gallery_size > 0 else 1
     found = find_neighbours(
         trained,
         query_images=query_images,
         query_names=names,
         query_labels=labels,
-        k=_NEIGHBOURS.value,
-        gallery_split=_GALLERY_SPLIT.value,
+        k=FLAGS.neighbours,
+        gallery_split=FLAGS.gallery_split,
         gallery_stride=stride,
         batch_size=FLAGS.batch_size,
     )
@@ -527,7 +524,7 @@ def run_neighbours(image_paths: Sequence[str]) -> str:
         print(row["query"])
         for nb in row["neighbours"]:
             print(f"  {nb['distance']:10.3f}  {nb['class']:<24s} {nb['key']}")
-    grid = neighbours_grid(found, trained.dataset, thumb=_THUMB.value)
+    grid = neighbours_grid(found, trained.dataset, thumb=FLAGS.thumb_size)
     return save_png(grid, _output_path("neighbours"))
 
 
@@ -548,10 +545,14 @@ def run_curves() -> str:
 
 
 def _output_path(command: str) -> str:
-    return _OUTPUT.value or os.path.join(FLAGS.workdir, "figures", f"{command}.png")
+    return FLAGS.output or os.path.join(FLAGS.workdir, "figures", f"{command}.png")
 
 
 def main(argv: Sequence[str]) -> int:
+    return cli.run_reporting_errors(lambda: _run(argv))
+
+
+def _run(argv: Sequence[str]) -> int:
     cli.quiet_library_logs()
     if len(argv) < 2 or argv[1] not in COMMANDS:
         raise app.UsageError(f"Give a command: one of {COMMANDS}")
@@ -560,23 +561,17 @@ def main(argv: Sequence[str]) -> int:
     command, rest = argv[1], list(argv[2:])
     if rest and command != "neighbours":
         raise app.UsageError(f"Unexpected arguments for {command}: {rest}")
-    try:
-        tuning.configure_process()  # Before JAX starts its backends.
-        if command == "filters":
-            path = run_filters()
-        elif command == "neighbours":
-            path = run_neighbours(rest)
-        else:
-            path = run_curves()
-    except (inference.CheckpointMissingError, checkpoint.NoUsableCheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return cli.EXIT_NO_CHECKPOINT
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return cli.EXIT_USAGE
+    tuning.configure_process()  # Before JAX starts its backends.
+    if command == "filters":
+        path = run_filters()
+    elif command == "neighbours":
+        path = run_neighbours(rest)
+    else:
+        path = run_curves()
     print(f"wrote {path}", file=sys.stderr)
     return 0
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(lambda argv: sys.exit(main(argv)))

@@ -51,8 +51,10 @@ import numpy as np
 from absl import app, flags, logging
 from PIL import Image
 
+from alexnet_jax import cli
 from alexnet_jax.data import records, writer
 from alexnet_jax.data.sources import SPLITS, SourceError, SourceSpec, open_tfds
+from alexnet_jax.progress import Progress
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
@@ -537,40 +539,6 @@ def _fingerprint(listing: SourceListing, examples_per_shard: int) -> str:
     return h.hexdigest()[:16]
 
 
-def _format_duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
-
-
-class _Progress:
-    """Logs images done, rate and ETA at most every ``every`` seconds."""
-
-    def __init__(self, total_images: int, done_images: int, every: float = 10.0):
-        self.total, self.done, self.every = total_images, done_images, every
-        self.start, self.start_done, self.last = time.time(), done_images, 0.0
-
-    def update(self, images: int, shards_done: int, shards_total: int, force: bool = False):
-        self.done += images
-        now = time.time()
-        if not force and now - self.last < self.every:
-            return
-        self.last = now
-        rate = (self.done - self.start_done) / max(now - self.start, 1e-9)
-        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-        logging.info(
-            "%d/%d shards, %d/%d images (%.0f%%), %.0f images/s, ETA %s",
-            shards_done,
-            shards_total,
-            self.done,
-            self.total,
-            100.0 * self.done / max(self.total, 1),
-            rate,
-            _format_duration(eta) if np.isfinite(eta) else "?",
-        )
-
-
 def prepare(
     source: str,
     output_dir: str,
@@ -644,7 +612,7 @@ def prepare(
         len(reports),
         "no" if num_workers == 0 else (num_workers or os.cpu_count()),
     )
-    progress = _Progress(total_images, done_images)
+    progress = Progress(total_images, unit="images", done=done_images)
     if num_workers == 0:
         results = (prepare_shard(task) for task in tasks)
     else:
@@ -653,8 +621,9 @@ def prepare(
     with contextlib.closing(results):  # Closing map_unordered stops its workers.
         for split, index, report in results:
             reports[(split, index)] = report
-            progress.update(report["count"] + len(report["bad_files"]), len(reports), total_shards)
-    progress.update(0, len(reports), total_shards, force=True)
+            shards = f"{len(reports)}/{total_shards} shards, "
+            progress.update(report["count"] + len(report["bad_files"]), prefix=shards)
+    progress.update(0, prefix=f"{len(reports)}/{total_shards} shards, ", force=True)
     class_names = read_class_names(class_names_file) or _names_beside(spec)
     metadata = _finish(
         listing, reports, output_dir, fingerprint, examples_per_shard, name, class_names
@@ -773,7 +742,11 @@ def define_flags() -> None:
     flags.DEFINE_string("tfds_data_dir", None, "tfds data_dir for --source=tfds:<name>.")
 
 
-def main(argv: Sequence[str]) -> None:
+def main(argv: Sequence[str]) -> int:
+    return cli.run_reporting_errors(lambda: _run(argv))
+
+
+def _run(argv: Sequence[str]) -> int:
     del argv
     if not FLAGS.source or not FLAGS.output_dir:
         raise app.UsageError("--source and --output_dir are required")
@@ -787,10 +760,11 @@ def main(argv: Sequence[str]) -> None:
             class_names_file=FLAGS.class_names_file,
             tfds_data_dir=FLAGS.tfds_data_dir,
         )
-    except (SourceError, WorkerError) as e:
+    except WorkerError as e:  # A broken worker: the run stops with what it knows.
         sys.exit(f"error: {e}")
+    return cli.EXIT_OK
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(lambda argv: sys.exit(main(argv)))
