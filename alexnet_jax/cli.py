@@ -76,7 +76,7 @@ def exit_code(error: BaseException) -> int | None:
     The one mapping for every command. Imported here, not at the top, so that
     light commands (prepare and its workers) do not load JAX to report an error.
     """
-    from alexnet_jax import checkpoint, config_lib, inference, run_control, tuning
+    from alexnet_jax import checkpoint, config_lib, diagnostics, inference, run_control, tuning
 
     if isinstance(error, inference.CheckpointMissingError | checkpoint.NoUsableCheckpointError):
         return EXIT_NO_CHECKPOINT
@@ -85,6 +85,7 @@ def exit_code(error: BaseException) -> int | None:
         tuning.SettingError,
         run_control.WorkdirInUseError,
         checkpoint.CheckpointSaveError,
+        diagnostics.StuckError,
         FloatingPointError,
         FileNotFoundError,
         ValueError,

@@ -262,6 +262,33 @@ FIELDS: tuple[Field, ...] = (
         integer(-1, note=" (-1 = auto-detect)"),
         "This process's index (0 = coordinator); -1 = auto-detect.",
     ),
+    # Diagnostics (alexnet_jax/diagnostics.py).
+    Field(
+        "diagnostics.stuck_after_steps",
+        2000,
+        integer(0, note=" (0 = off)"),
+        "Warn if the loss is still near chance (ln classes) from this step on.",
+    ),
+    Field(
+        "diagnostics.stuck_loss_margin",
+        0.02,
+        number(0, 1),
+        "Near chance: less than this fraction below ln(num_classes).",
+    ),
+    Field(
+        "diagnostics.stuck_eval_patience",
+        5,
+        integer(0, note=" (0 = off)"),
+        "Warn after this many evaluations without a new best val error.",
+    ),
+    Field("diagnostics.stop_when_stuck", False, BOOLEAN, "Stop (exit 2) instead of warning."),
+    Field(
+        "diagnostics.profile_start_step",
+        0,
+        integer(0, note=" (0 = off)"),
+        "Write a jax.profiler trace of steps from this one into workdir/profile.",
+    ),
+    Field("diagnostics.profile_num_steps", 5, integer(1), "Steps in the profiled window."),
     # Logging, evaluation, checkpoints (alexnet_jax/train.py, alexnet_jax/checkpoint.py).
     Field("log_every_steps", 50, integer(1), "A progress line (and metrics) this often."),
     Field("eval_every_epochs", 1.0, number(0, low_open=True), "Validation this often (and last)."),

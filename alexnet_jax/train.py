@@ -19,6 +19,7 @@ from absl import logging
 from alexnet_jax import (
     checkpoint,
     config_lib,
+    diagnostics,
     inference,
     metrics,
     optim,
@@ -337,14 +338,29 @@ def _train_and_evaluate(
         dict(mesh.shape),
     )
 
+    d = config.diagnostics
+    guard = diagnostics.StuckGuard(
+        config.model.num_classes,
+        after_steps=d.stuck_after_steps,
+        margin=d.stuck_loss_margin,
+        eval_patience=d.stuck_eval_patience,
+        stop=d.stop_when_stuck,
+    )
+    profiler = diagnostics.ProfilerWindow(workdir, d.profile_start_step, d.profile_num_steps)
+    run_start, rates = time.time(), []
     pending: list[dict[str, jax.Array]] = []
+    data_seconds = 0.0  # Waiting for the next batch in this log window (input-bound if large).
     window_start_time, window_start_step = time.time(), start_step
     timing_start: tuple[float, int] | None = None
     eval_metrics: dict[str, float] = {}
     step = start_step
     while step < total_steps:
+        profiler.before_step(step + 1)
+        data_start = time.time()
         batch = sharding.global_batch(mesh, next(train_iter))
+        data_seconds += time.time() - data_start
         state, step_metrics = train_fn(state, batch)
+        profiler.after_step(step + 1, step_metrics)
         ckpt.check_saves()  # A failed background save stops the run at this step boundary.
         pending.append(step_metrics)
         step += 1
@@ -356,6 +372,7 @@ def _train_and_evaluate(
             )
             window_start_time, window_start_step = time.time(), step
             timing_start = (window_start_time, step)
+            data_seconds = 0.0
 
         if step % config.log_every_steps == 0 or step == total_steps:
             fetched = jax.device_get(pending)
@@ -366,14 +383,17 @@ def _train_and_evaluate(
             images_per_sec = (
                 (step - window_start_step) * config.batch_size / max(now - window_start_time, 1e-9)
             )
-            window_start_time, window_start_step = now, step
+            data_fraction = data_seconds / max(now - window_start_time, 1e-9)
+            window_start_time, window_start_step, data_seconds = now, step, 0.0
             done_time, done_step = timing_start
             seconds_per_step = (now - done_time) / max(step - done_step, 1)
             means["images_per_sec"] = images_per_sec
+            means["data_wait_fraction"] = data_fraction
+            rates.append(images_per_sec)
             writer.write(step, "train", means)
             logging.info(
                 "step %d/%d  epoch %.2f  loss %.4f  top1_err %.3f  top5_err %.3f  lr %.2g  "
-                "%.1f img/s  ETA %s",
+                "%.1f img/s (%.0f%% waiting for data)  ETA %s",
                 step,
                 total_steps,
                 step / steps_per_epoch,
@@ -382,8 +402,10 @@ def _train_and_evaluate(
                 means["top5_error"],
                 means["learning_rate"],
                 images_per_sec,
+                100 * data_fraction,
                 progress.format_duration(seconds_per_step * (total_steps - step)),
             )
+            guard.observe_loss(step, means["loss"])
 
         evaluated = step % eval_every_steps == 0 or step == total_steps
         if evaluated:
@@ -414,6 +436,7 @@ def _train_and_evaluate(
                 time.time() - eval_start,
             )
             window_start_time += time.time() - eval_start  # Keep eval out of img/s.
+            guard.observe_validation_error(step, eval_metrics["top1_error"])
 
         # Save on the interval, after each evaluation (ranked by its error, so the best
         # is kept), at the end, and when SIGTERM asked to stop; never a non-finite state.
@@ -436,7 +459,35 @@ def _train_and_evaluate(
             )
             break
 
+    profiler.close()
     ckpt.wait()
+    _log_summary(step, eval_metrics, guard, time.time() - run_start, rates, ckpt.directory)
     ckpt.close()
     writer.close()
     return eval_metrics
+
+
+def _log_summary(
+    step: int,
+    eval_metrics: dict[str, float],
+    guard: diagnostics.StuckGuard,
+    seconds: float,
+    rates: list[float],
+    directory: str,
+) -> None:
+    """One line at the end: where the run got to and where its checkpoints are."""
+    final = (
+        f"val top1_err {eval_metrics['top1_error']:.4f} top5_err {eval_metrics['top5_error']:.4f}"
+        if eval_metrics
+        else "no evaluation"
+    )
+    logging.info(
+        "Training ended at step %d: %s, best val top1_err %s, %s wall, median %s img/s; "
+        "checkpoints in %s",
+        step,
+        final,
+        f"{guard.best_error:.4f}" if math.isfinite(guard.best_error) else "-",
+        progress.format_duration(seconds),
+        f"{float(np.median(rates)):.1f}" if rates else "-",
+        directory,
+    )
