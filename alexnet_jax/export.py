@@ -1,6 +1,6 @@
 """A trained model as one portable file: serialized StableHLO (``jax.export``), params inside.
 
-    python -m alexnet_jax.export --workdir=/tmp/alexnet_demo    # -> WORKDIR/export/alexnet.jax_exported
+    python -m alexnet_jax.export --workdir=/tmp/alexnet_demo  # -> DIR/export/alexnet.jax_exported
     python -m alexnet_jax.export --workdir=DIR --output=F --platforms=cpu
 
 The file holds predict's centre-crop computation, from the pixels of the
