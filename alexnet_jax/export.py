@@ -235,22 +235,25 @@ def _parse_flags(argv: list[str]) -> list[str]:
     return remaining
 
 
+def _usage_error(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return cli.EXIT_USAGE
+
+
 def main(argv: Sequence[str]) -> int:
     cli.quiet_library_logs()
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+        return _usage_error(f"unexpected arguments: {' '.join(argv[1:])}")
     if not _WORKDIR.value:
-        raise app.UsageError("--workdir is required")
+        return _usage_error("--workdir is required")
     unknown = sorted(set(_PLATFORMS.value or ()) - set(PLATFORMS))
     if unknown:
-        raise app.UsageError(f"--platforms: unknown {unknown}; accepted: {', '.join(PLATFORMS)}")
+        return _usage_error(f"--platforms: unknown {unknown}; accepted: {', '.join(PLATFORMS)}")
     if importlib.util.find_spec("flatbuffers") is None:
-        print(
-            "error: writing a jax.export file needs the flatbuffers package: "
-            "pip install -r requirements-export.txt",
-            file=sys.stderr,
+        return _usage_error(
+            "writing a jax.export file needs the flatbuffers package: "
+            "pip install -r requirements-export.txt"
         )
-        return cli.EXIT_USAGE
     output = _OUTPUT.value or os.path.join(_WORKDIR.value, "export", "alexnet.jax_exported")
     try:
         tuning.configure_process()  # Before JAX starts its backends.
@@ -261,14 +264,12 @@ def main(argv: Sequence[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return cli.EXIT_NO_CHECKPOINT
     except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return cli.EXIT_USAGE
+        return _usage_error(str(e))
     try:
         exported = export_with_fallback(trained, _PLATFORMS.value)
         save(trained, exported, output)
     except (ExportError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return cli.EXIT_USAGE
+        return _usage_error(str(e))
     logging.info(
         "Exported step %d of %s for %s to %s (%.1f MB) and %s",
         trained.step,
