@@ -1,0 +1,286 @@
+"""A trained model as one portable file: serialized StableHLO (``jax.export``), params inside.
+
+    python -m alexnet_jax.export --workdir=/tmp/alexnet_demo  # -> DIR/export/alexnet.jax_exported
+    python -m alexnet_jax.export --workdir=DIR --output=F --platforms=cpu
+
+The file holds predict's centre-crop computation, from the pixels of the
+central 224x224 patch of a prepared image (uint8, any batch size) to the
+class probabilities: the mean image's central patch subtracted, times
+``config.data.input_scale``, the network, softmax. The params are constants
+in the program, so the file alone runs it (no checkpoint, dataset or this
+package's model code); ``F.json`` beside it names the classes, the input and
+the preprocessing. By default it is lowered for CPU and CUDA (lowering needs
+no GPU), so a file made on a CPU host runs on a GPU. Run it back with
+``load`` (a jax program; README, "Export")::
+
+    probabilities = export.load("alexnet.jax_exported")(crops_Bx224x224x3_uint8)
+
+Serialization needs the ``flatbuffers`` package (``requirements-export.txt``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from alexnet_jax import checkpoint, cli, inference, tuning
+from alexnet_jax.data import augment
+
+DEFAULT_PLATFORMS = ("cpu", "cuda")
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # What jax.export lowers for.
+INPUT_DTYPE = "uint8"
+FORMAT = "jax.export serialized StableHLO"
+
+
+class ExportError(RuntimeError):
+    """The model could not be lowered for the asked-for platforms."""
+
+
+def metadata_path(path: str) -> str:
+    """Where the description of the exported file ``path`` is written: ``path.json``."""
+    return path + ".json"
+
+
+def centre_patch(image_HxWx3: np.ndarray, crop_size: int = inference.CROP_SIZE) -> np.ndarray:
+    """The central ``crop_size`` patch: an exported model's input, cut from a prepared image."""
+    top, left = augment.center_crop_window(*image_HxWx3.shape[:2], crop_size)
+    return augment.crop(image_HxWx3, top, left, crop_size)
+
+
+def probabilities_fn(trained: inference.TrainedModel) -> Callable[[jax.Array], jax.Array]:
+    """Bx224x224x3 pixels of centre patches -> B x K, the same values as predict's centre crop.
+
+    predict subtracts the mean image's central patch and scales in NumPy, then
+    runs the net; here both steps are in the program, in the same float32
+    order, so a consumer needs only the pixels. The net is rebuilt without a
+    mesh (one device, unsharded) and with the plain kernels: the CPU schedules
+    compute the same values, but split the batch in chunks, which a batch of
+    unknown size cannot be.
+    """
+    p = trained.preprocessing
+    mean_patch = np.ascontiguousarray(centre_patch(p.mean, p.crop_size), np.float32)
+    scale = np.float32(p.scale)
+    model = trained.model.clone(mesh=None, kernels=tuning.plain_kernels(0))
+    params = trained.params
+
+    def probabilities(pixels_BxHxWxC: jax.Array) -> jax.Array:
+        images = pixels_BxHxWxC.astype(jnp.float32) - mean_patch
+        if scale != 1.0:
+            images = images * scale
+        logits = model.apply({"params": params}, images, train=False)
+        return augment.average_crop_softmax(logits[:, None])  # One view, as predict's.
+
+    return probabilities
+
+
+def input_spec(crop_size: int = inference.CROP_SIZE) -> jax.ShapeDtypeStruct:
+    """b x 224 x 224 x 3 uint8 with a symbolic batch size ``b``."""
+    shape = jax.export.symbolic_shape(f"b, {crop_size}, {crop_size}, 3")
+    return jax.ShapeDtypeStruct(shape, jnp.dtype(INPUT_DTYPE))
+
+
+def export_model(
+    trained: inference.TrainedModel, platforms: Sequence[str] = DEFAULT_PLATFORMS
+) -> jax.export.Exported:
+    """``probabilities_fn`` lowered for ``platforms``, any batch size; raises ``ExportError``."""
+    fn = jax.jit(probabilities_fn(trained))
+    try:
+        return jax.export.export(fn, platforms=tuple(platforms))(input_spec())
+    except (NotImplementedError, ValueError) as e:  # A primitive without a lowering there.
+        raise ExportError(f"Cannot lower the model for {', '.join(platforms)}: {e}") from e
+
+
+def export_with_fallback(
+    trained: inference.TrainedModel, platforms: Sequence[str] | None
+) -> jax.export.Exported:
+    """For ``platforms``; when none are given, CPU and CUDA, else (with a warning) CPU alone."""
+    if platforms:
+        return export_model(trained, platforms)
+    try:
+        return export_model(trained, DEFAULT_PLATFORMS)
+    except ExportError as e:
+        logging.warning("%s; exporting for cpu only (pass --platforms to choose)", e)
+        return export_model(trained, ("cpu",))
+
+
+def describe(trained: inference.TrainedModel, exported: jax.export.Exported) -> dict[str, Any]:
+    """What a consumer of the file must know: classes, input, preprocessing, platforms."""
+    config, p = trained.config, trained.preprocessing
+    crop, full = p.crop_size, p.mean.shape[0]
+    return {
+        "format": FORMAT,
+        "load": "alexnet_jax.export.load(path), or jax.export.deserialize(bytes).call(pixels)",
+        "platforms": list(exported.platforms),
+        "calling_convention_version": exported.calling_convention_version,
+        "jax_version": jax.__version__,
+        "checkpoint_step": trained.step,
+        "input": {
+            "shape": ["b", crop, crop, 3],
+            "dtype": INPUT_DTYPE,
+            "layout": "batch, height, width, RGB channels; pixel values 0-255",
+            "preprocessing": (
+                f"each image prepared as the training data: decoded to RGB, shorter side "
+                f"resized to {full}, central {full}x{full} (alexnet_jax.inference.read_image); "
+                f"then its central {crop}x{crop} patch (rows and columns "
+                f"{(full - crop) // 2}:{(full + crop) // 2}). Mean subtraction and input scale "
+                "are inside the program: pass raw pixels."
+            ),
+        },
+        "inside": {
+            "mean_subtraction": config.data.mean_subtraction,
+            "mean": f"central {crop}x{crop} patch of the training set's mean image",
+            "input_scale": float(p.scale),
+            "model": {k: config.model[k] for k in ("width", "num_classes", "compute_dtype")},
+        },
+        "output": {
+            "shape": ["b", len(trained.classes)],
+            "dtype": "float32",
+            "meaning": "softmax probabilities; index i is classes[i]",
+        },
+        "classes": trained.classes,
+    }
+
+
+def write_atomically(path: str, data: bytes) -> None:
+    """Writes ``data`` to ``path`` through a temporary file, so no half file is ever left."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def save(trained: inference.TrainedModel, exported: jax.export.Exported, path: str) -> None:
+    """The serialized program at ``path``, its description at ``metadata_path(path)``."""
+    write_atomically(path, bytes(exported.serialize()))
+    description = json.dumps(describe(trained, exported), indent=1) + "\n"
+    write_atomically(metadata_path(path), description.encode())
+
+
+def load(path: str) -> Callable[[Any], jax.Array]:
+    """The exported file at ``path`` as a jitted ``pixels_Bx224x224x3 -> probabilities_BxK``.
+
+    Runs on JAX's default device when the file was lowered for its platform.
+    """
+    with open(path, "rb") as f:
+        exported = jax.export.deserialize(bytearray(f.read()))
+    return jax.jit(exported.call)
+
+
+def load_metadata(path: str) -> dict[str, Any]:
+    """The description written next to the exported file ``path``."""
+    with open(metadata_path(path)) as f:
+        return json.load(f)
+
+
+# export's own flag set: predict and visualize define flags of the same names in absl's
+# global set, and a process (the test suite) may import all three.
+_FLAGS = flags.FlagValues()
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Training workdir holding the checkpoints.", flag_values=_FLAGS
+)
+_OUTPUT = flags.DEFINE_string(
+    "output",
+    None,
+    "File to write (default WORKDIR/export/alexnet.jax_exported); its description goes to "
+    "OUTPUT.json.",
+    flag_values=_FLAGS,
+)
+_PLATFORMS = flags.DEFINE_list(
+    "platforms",
+    None,
+    f"Platforms to lower for, of {', '.join(PLATFORMS)} (default: cpu,cuda, or cpu alone if "
+    "lowering for cuda fails).",
+    flag_values=_FLAGS,
+)
+_STEP = flags.DEFINE_integer(
+    "step", None, "Checkpoint step to export (default: the latest).", flag_values=_FLAGS
+)
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir",
+    None,
+    "Prepared dataset (class names, mean image); default: the run's config.",
+    flag_values=_FLAGS,
+)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "Config file of the run (e.g. configs/demo.py), only for checkpoints saved without one.",
+    flag_values=_FLAGS,
+    lock_config=True,
+)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
+        print(__doc__)
+        print(_FLAGS.get_help())
+        sys.exit(cli.EXIT_OK)
+    try:
+        remaining = _FLAGS(argv)
+    except flags.Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(cli.EXIT_USAGE)
+    flags.FLAGS.mark_as_parsed()  # absl logging reads the global set.
+    return remaining
+
+
+def _usage_error(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return cli.EXIT_USAGE
+
+
+def main(argv: Sequence[str]) -> int:
+    cli.quiet_library_logs()
+    if len(argv) > 1:
+        return _usage_error(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not _WORKDIR.value:
+        return _usage_error("--workdir is required")
+    unknown = sorted(set(_PLATFORMS.value or ()) - set(PLATFORMS))
+    if unknown:
+        return _usage_error(f"--platforms: unknown {unknown}; accepted: {', '.join(PLATFORMS)}")
+    if importlib.util.find_spec("flatbuffers") is None:
+        return _usage_error(
+            "writing a jax.export file needs the flatbuffers package: "
+            "pip install -r requirements-export.txt"
+        )
+    output = _OUTPUT.value or os.path.join(_WORKDIR.value, "export", "alexnet.jax_exported")
+    try:
+        tuning.configure_process()  # Before JAX starts its backends.
+        trained = inference.load_trained(
+            _WORKDIR.value, config=_CONFIG.value, data_dir=_DATA_DIR.value, step=_STEP.value
+        )
+    except (inference.CheckpointMissingError, checkpoint.NoUsableCheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return cli.EXIT_NO_CHECKPOINT
+    except (FileNotFoundError, ValueError) as e:
+        return _usage_error(str(e))
+    try:
+        exported = export_with_fallback(trained, _PLATFORMS.value)
+        save(trained, exported, output)
+    except (ExportError, OSError) as e:
+        return _usage_error(str(e))
+    logging.info(
+        "Exported step %d of %s for %s to %s (%.1f MB) and %s",
+        trained.step,
+        _WORKDIR.value,
+        ", ".join(exported.platforms),
+        output,
+        os.path.getsize(output) / 1e6,
+        metadata_path(output),
+    )
+    return cli.EXIT_OK
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=_parse_flags)
