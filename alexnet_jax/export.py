@@ -31,9 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from alexnet_jax import checkpoint, cli, inference, tuning
+from alexnet_jax import cli, inference, tuning
 from alexnet_jax.data import augment
 
 DEFAULT_PLATFORMS = ("cpu", "cuda")
@@ -183,97 +182,58 @@ def load_metadata(path: str) -> dict[str, Any]:
         return json.load(f)
 
 
-# export's own flag set: predict and visualize define flags of the same names in absl's
-# global set, and a process (the test suite) may import all three.
-_FLAGS = flags.FlagValues()
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Training workdir holding the checkpoints.", flag_values=_FLAGS
-)
-_OUTPUT = flags.DEFINE_string(
-    "output",
-    None,
-    "File to write (default WORKDIR/export/alexnet.jax_exported); its description goes to "
-    "OUTPUT.json.",
-    flag_values=_FLAGS,
-)
-_PLATFORMS = flags.DEFINE_list(
-    "platforms",
-    None,
-    f"Platforms to lower for, of {', '.join(PLATFORMS)} (default: cpu,cuda, or cpu alone if "
-    "lowering for cuda fails).",
-    flag_values=_FLAGS,
-)
-_STEP = flags.DEFINE_integer(
-    "step", None, "Checkpoint step to export (default: the latest).", flag_values=_FLAGS
-)
-_DATA_DIR = flags.DEFINE_string(
-    "data_dir",
-    None,
-    "Prepared dataset (class names, mean image); default: the run's config.",
-    flag_values=_FLAGS,
-)
-_CONFIG = config_flags.DEFINE_config_file(
-    "config",
-    None,
-    "Config file of the run (e.g. configs/demo.py), only for checkpoints saved without one.",
-    flag_values=_FLAGS,
-    lock_config=True,
-)
+FLAGS = flags.FLAGS
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
-        print(__doc__)
-        print(_FLAGS.get_help())
-        sys.exit(cli.EXIT_OK)
-    try:
-        remaining = _FLAGS(argv)
-    except flags.Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(cli.EXIT_USAGE)
-    flags.FLAGS.mark_as_parsed()  # absl logging reads the global set.
-    return remaining
-
-
-def _usage_error(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return cli.EXIT_USAGE
+def define_flags() -> None:
+    """The command's flags, defined only when it runs (tools never clash on import)."""
+    cli.define_checkpoint_flags()
+    flags.DEFINE_string(
+        "output",
+        None,
+        "File to write (default WORKDIR/export/alexnet.jax_exported); its description goes to "
+        "OUTPUT.json.",
+    )
+    flags.DEFINE_list(
+        "platforms",
+        None,
+        f"Platforms to lower for, of {', '.join(PLATFORMS)} (default: cpu,cuda, or cpu alone if "
+        "lowering for cuda fails).",
+    )
 
 
 def main(argv: Sequence[str]) -> int:
+    return cli.run_reporting_errors(lambda: _run(argv))
+
+
+def _run(argv: Sequence[str]) -> int:
     cli.quiet_library_logs()
     if len(argv) > 1:
-        return _usage_error(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not _WORKDIR.value:
-        return _usage_error("--workdir is required")
-    unknown = sorted(set(_PLATFORMS.value or ()) - set(PLATFORMS))
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not FLAGS.workdir:
+        raise app.UsageError("--workdir is required")
+    unknown = sorted(set(FLAGS.platforms or ()) - set(PLATFORMS))
     if unknown:
-        return _usage_error(f"--platforms: unknown {unknown}; accepted: {', '.join(PLATFORMS)}")
+        raise ValueError(f"--platforms: unknown {unknown}; accepted: {', '.join(PLATFORMS)}")
     if importlib.util.find_spec("flatbuffers") is None:
-        return _usage_error(
+        raise ValueError(
             "writing a jax.export file needs the flatbuffers package: "
             "pip install -r requirements-export.txt"
         )
-    output = _OUTPUT.value or os.path.join(_WORKDIR.value, "export", "alexnet.jax_exported")
+    output = FLAGS.output or os.path.join(FLAGS.workdir, "export", "alexnet.jax_exported")
+    tuning.configure_process()  # Before JAX starts its backends.
+    trained = inference.load_trained(
+        FLAGS.workdir, config=FLAGS.config, data_dir=FLAGS.data_dir, step=FLAGS.step
+    )
     try:
-        tuning.configure_process()  # Before JAX starts its backends.
-        trained = inference.load_trained(
-            _WORKDIR.value, config=_CONFIG.value, data_dir=_DATA_DIR.value, step=_STEP.value
-        )
-    except (inference.CheckpointMissingError, checkpoint.NoUsableCheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return cli.EXIT_NO_CHECKPOINT
-    except (FileNotFoundError, ValueError) as e:
-        return _usage_error(str(e))
-    try:
-        exported = export_with_fallback(trained, _PLATFORMS.value)
+        exported = export_with_fallback(trained, FLAGS.platforms)
         save(trained, exported, output)
     except (ExportError, OSError) as e:
-        return _usage_error(str(e))
+        raise ValueError(str(e)) from None
     logging.info(
         "Exported step %d of %s for %s to %s (%.1f MB) and %s",
         trained.step,
-        _WORKDIR.value,
+        FLAGS.workdir,
         ", ".join(exported.platforms),
         output,
         os.path.getsize(output) / 1e6,
@@ -283,4 +243,5 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)), flags_parser=_parse_flags)
+    define_flags()
+    app.run(lambda argv: sys.exit(main(argv)))
