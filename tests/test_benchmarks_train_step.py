@@ -1,11 +1,18 @@
-"""The train-step benchmark runs on a tiny network and prints every field it promises."""
+"""The train-step benchmark times the config's network and prints every field it promises."""
 
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 
 from alexnet_jax import tuning
 from alexnet_jax.benchmarks import train_step
+from configs import imagenet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUMBER = r"[0-9.]+"
 
 # Multiply-adds of the paper's layers per 224x224 image (conv1..conv5, fc6..fc8), x2 for FLOPs.
 PAPER_FORWARD_MACS = (
@@ -20,28 +27,41 @@ PAPER_FORWARD_MACS = (
 )
 
 
+def tiny_config(**model_fields):
+    """configs/imagenet.py at 1/16 width with 10 classes (as --config.model.* would set it)."""
+    config = imagenet.get_config()
+    config.model.width = 1 / 16
+    config.model.num_classes = 10
+    for k, v in model_fields.items():
+        config.model[k] = v
+    return config
+
+
 def test_forward_flops_match_the_papers_layers():
-    config = train_step._config(1.0, 1000, True, 1)
+    config = imagenet.get_config()
     assert train_step.forward_flops_per_image(config) == 2 * PAPER_FORWARD_MACS
     assert pytest.approx(4.346e9, rel=1e-3) == 3 * 2 * PAPER_FORWARD_MACS
 
 
 def test_benchmark_prints_its_fields(capsys):
-    out = train_step.run(
-        [2], steps=1, width=1 / 16, num_classes=10, skip_torch=True, matmul_size=128
-    )
+    config = tiny_config()
+    out = train_step.run(config, [2], steps=1, frameworks=("jax",), matmul_size=128)
     text = capsys.readouterr().out
-    number = r"[0-9.]+"
     for pattern in (
+        r"host CPU: .*; avx512f (yes|no), avx512_bf16 (yes|no), amx_tile (yes|no), amx_bf16",
         rf"host allocator: \w+; CPU convolutions: {tuning.cpu_conv_library()}; kernels: "
         r"lrn='lrn_fused_gradient', .*conv_layers=InChunks\(size=8\)",
-        rf"matmul peak: {number} GFLOP/s",
-        rf"model FLOPs: {number} GFLOP per training image",
-        rf"\[jax\] batch 2: {number} images/s, {number} GFLOP/s, {number} of matmul peak, "
-        rf"compile {number} s",
-        rf"peak resident memory: {number} MiB",
+        r"network: width 0.0625, 10 classes, LRN True, 227,314 parameters, compute float32",
+        rf"matmul peak: {NUMBER} GFLOP/s \(float32 128x128",
+        rf"peak for fractions: {NUMBER} TFLOP/s \(measured float32 matmul\)",
+        rf"model FLOPs: {NUMBER} GFLOP per training image",
+        rf"\[jax\] batch 2: {NUMBER} images/s, {NUMBER} GFLOP/s, {NUMBER} of peak, "
+        rf"compile {NUMBER} s",
+        rf"\[jax\] memory at batch 2: XLA's step buffers: arguments {NUMBER} MiB",
+        rf"peak resident memory: {NUMBER} MiB \(process, after batch 2; holds jax;",
         r"\[torch\] batch 2: skipped",
-        rf"\[eval\] centre crop: {number} images/s .*10 crops: {number} images/s",
+        r"\[torch_compile\] batch 2: skipped",
+        rf"\[eval\] centre crop: {NUMBER} images/s .*10 crops: {NUMBER} images/s",
         r"per-layer times, batch 2",
         r"whole train step",
     ):
@@ -56,6 +76,95 @@ def test_benchmark_prints_its_fields(capsys):
     assert row["images_per_s"] > 0 and row["compile_s"] > 0
     assert row["gflops"] == pytest.approx(row["images_per_s"] * out["train_gflop_per_image"])
     assert out["params"] == 227_314  # The 1/16-width net with 10 classes.
+    assert config.batch_size == 128  # The caller's config is not changed.
+
+
+def test_bfloat16_compute_runs_both_frameworks(capsys):
+    pytest.importorskip("torch")
+    out = train_step.run(
+        tiny_config(compute_dtype="bfloat16"),
+        [2],
+        steps=1,
+        frameworks=("jax", "torch"),
+        skip_layers=True,
+        skip_eval=True,
+        matmul_size=128,
+    )
+    text = capsys.readouterr().out
+    assert "compute bfloat16" in text and "(bfloat16 128x128 under XLA" in text
+    assert re.search(rf"\[torch\] batch 2: {NUMBER} images/s", text), text
+    assert re.search(rf"ratio jax/torch at batch 2: {NUMBER}x", text), text
+    assert out["batches"][2]["torch_images_per_s"] > 0
+
+
+@pytest.mark.slow  # inductor compiles C++ for minutes on 2 busy cores.
+def test_torch_compile_is_timed_with_its_compile_time(capsys):
+    pytest.importorskip("torch")
+    out = train_step.run(
+        tiny_config(),
+        [2],
+        steps=1,
+        frameworks=("jax", "torch_compile"),
+        skip_layers=True,
+        skip_eval=True,
+        matmul_size=128,
+    )
+    text = capsys.readouterr().out
+    row = out["batches"][2]
+    if "torch_compile_images_per_s" not in row:
+        pytest.skip(f"inductor does not work here: {text}")
+    assert row["torch_compile_compile_s"] > 0 and row["ratio_torch_compile"] > 0
+    assert re.search(rf"ratio jax/torch_compile at batch 2: {NUMBER}x", text), text
+
+
+def test_frameworks_one_alone_or_all_less_the_skipped():
+    select = train_step.selected_frameworks
+    assert select("all") == ("jax", "torch", "torch_compile")
+    assert select("all", skip_torch=True) == ("jax", "torch_compile")
+    assert select("all", skip_torch=True, skip_torch_compile=True) == ("jax",)
+    assert select("torch_compile") == ("torch_compile",)
+    with pytest.raises(ValueError, match="nothing to time"):
+        select("torch", skip_torch=True)
+
+
+def test_cpu_features_from_cpuinfo():
+    cpuinfo = (
+        "processor\t: 0\nmodel name\t: Some Xeon\nflags\t\t: fpu avx2 avx512f amx_bf16 amx_tile\n"
+        "processor\t: 1\nmodel name\t: Some Xeon\nflags\t\t: fpu\n"
+    )
+    assert train_step.cpu_features(cpuinfo) == {
+        "model": "Some Xeon",
+        "flags": {"avx512f": True, "avx512_bf16": False, "amx_tile": True, "amx_bf16": True},
+    }
+    assert train_step.cpu_features("")["flags"] == dict.fromkeys(train_step.CPU_BF16_FLAGS, False)
+
+
+def test_chip_peaks_follow_dtype_and_precision():
+    peak = train_step.chip_peak_tflops
+    assert peak("NVIDIA H200", "bfloat16") == (989.5, "H200 datasheet, dense bfloat16")
+    assert peak("NVIDIA H200", "float32")[0] == 494.5  # JAX's default: TF32 tensor cores.
+    assert peak("NVIDIA H200", "float32", "highest")[0] == 67.0
+    assert peak("NVIDIA H100 80GB HBM3", "bfloat16")[0] == 989.5
+    assert peak("cpu", "float32") is None
+
+
+def test_command_takes_a_config_and_overrides(tmp_path):
+    """The command line: --config plus --config.* overrides pick the network; mirrors are gone."""
+    command = [
+        sys.executable, "-m", "alexnet_jax.benchmarks.train_step",
+        "--config=configs/demo.py", "--config.model.width=0.0625", "--batch_sizes=2",
+        "--steps=1", "--matmul_size=64", "--framework=jax", "--skip_layers", "--skip_eval",
+        f"--json={tmp_path / 'out.json'}",
+    ]  # fmt: skip
+    env = {**os.environ, "ALEXNET_JAX_HOST_ALLOCATOR": "system"}
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "width 0.0625, 10 classes" in result.stdout  # configs/demo.py has 10 classes.
+    assert (tmp_path / "out.json").exists()
+    removed = subprocess.run(
+        [*command[:3], "--width=0.5"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert removed.returncode != 0 and "width" in removed.stderr
 
 
 def test_torch_reference_is_the_same_network():

@@ -1,16 +1,12 @@
 """The grain pipeline (alexnet_jax/data/pipeline.py): determinism, resume, sharding, dtypes."""
 
-import re
-import subprocess
-import sys
-
 import ml_dtypes
 import numpy as np
 import pytest
 
 from alexnet_jax import config_lib
 from alexnet_jax.data import augment, pipeline, records
-from tests.conftest import ROOT, tiny_config
+from tests.conftest import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -153,37 +149,6 @@ def test_ten_crop_eval_batches(dataset):
         np.testing.assert_allclose(t["images"][:, 4], c["images"], atol=1e-4)  # Crop 4: centre.
         np.testing.assert_allclose(t["images"][:, 9], c["images"][:, :, ::-1], atol=1e-4)
         np.testing.assert_array_equal(t["labels"], c["labels"])
-
-
-def test_input_pipeline_benchmark_command_prints_its_fields():
-    command = [
-        sys.executable,
-        "-m",
-        "alexnet_jax.benchmarks.input_pipeline",
-        "--samples_dir=",
-        "--synthetic_images=8",
-        "--batch_size=4",
-        "--rounds=1",
-        "--batches_per_round=1",
-        "--train_width=0.0625",
-        "--train_steps=1",
-    ]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    numbers = {}
-    for line in result.stdout.splitlines():
-        match = re.match(r"\s+(.+):\s+([\d.]+) (images/s|x)$", line)
-        if match:
-            numbers[match.group(1)] = float(match.group(2))
-    assert len(numbers) == 6, result.stdout
-    rates = [v for k, v in numbers.items() if "/" not in k]
-    assert all(v > 0 for v in numbers.values())
-    pipeline_rate, loader_rate, step_rate = rates[1], rates[2], rates[3]
-    ratios = [v for k, v in numbers.items() if "/" in k]
-    np.testing.assert_allclose(
-        ratios, [pipeline_rate / loader_rate, pipeline_rate / step_rate], rtol=0.01
-    )
-    assert "synthetic" in result.stdout and "keeps up" in result.stdout
 
 
 def test_tfds_source_reads_full_size_images_directly(tmp_path):

@@ -1,21 +1,30 @@
 r"""Does the input keep up? Pipeline vs full-size loader vs the train step, in one run.
 
-    python -m alexnet_jax.benchmarks.input_pipeline
+    python -m alexnet_jax.benchmarks.input_pipeline       # configs/imagenet.py: batch 128
+    python -m alexnet_jax.benchmarks.input_pipeline --config.batch_size=64 \
+        --config.data.num_threads=2 --config.model.width=0.25
 
-Measures, on the same machine in the same run:
+The batch size, the decoding threads and workers, the batch dtype, the
+augmentation and the network are the config's (``--config`` plus
+``--config.*`` overrides, as ``launch.py`` takes them). Measures, on the same
+machine in the same run:
   1. the grain training pipeline's images/s on prepared 256px data (decode,
-     random crop, mirror, mean image, PCA colour, batch);
+     random crop, mirror, mean image, PCA colour, batch), as ``config.data``
+     sets it up;
   2. a torchvision-style per-image loader on the original full-size JPEGs
      (PIL decode, resize the shorter side to 256, random crop, mirror, the
-     same mean subtraction), with the same number of threads;
-  3. the real jitted train step from ``alexnet_jax.train`` (the paper's width,
-     batch 64 by default) in images/s.
+     same mean subtraction), with ``config.data.num_threads`` threads;
+  3. the config's jitted train step (``train_step.jax_train_step``: set up as
+     the trainer sets it up) on a batch already on the device, in images/s;
+  4. the same step fed by the pipeline as the training loop feeds it (the
+     next batch is read while the device runs the step), and its ratio to 3.
 Pipeline and loader are timed in alternating rounds and the medians reported,
 so load from other processes affects both alike.
 
 Images: ``../shared/imagenet-samples`` (100 real ImageNet JPEGs, class in the
 file name) when present, prepared into a temporary directory with
 ``alexnet_jax.data.prepare`` first; otherwise synthetic camera-sized JPEGs.
+The pipeline repeats them endlessly, so any batch size works.
 """
 
 from __future__ import annotations
@@ -28,11 +37,14 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+import ml_collections
 import numpy as np
 from absl import app, flags
+from ml_collections import config_flags
 from PIL import Image
 
-from alexnet_jax import allocator, inference, tuning
+from alexnet_jax import allocator, config_lib, sharding, tuning
+from alexnet_jax.benchmarks import train_step
 from alexnet_jax.data import augment, pipeline, prepare, writer
 
 DEFAULT_SAMPLES = os.path.join(
@@ -118,63 +130,64 @@ def _rate(next_batch: Callable[[], object], batch_size: int, num_batches: int) -
     return batch_size * num_batches / (time.perf_counter() - start)
 
 
-WARMUP_STEPS = 3
+WARMUP_STEPS = 3  # The first compiles; the host allocator's pool grows over a few.
 
 
-def train_step_rate(width: float, batch_size: int, steps: int) -> float:
-    """Images/s of the real jitted train step (after compilation), median over ``steps``."""
-    import jax
-    import jax.numpy as jnp
-
-    from alexnet_jax import optim, train
-    from configs import imagenet
-
-    config = imagenet.get_config()
-    config.model.width = width
-    config.batch_size = batch_size
-    model = inference.build_model(config)
-    optimizer = optim.make_optimizer(config)
-    step_fn = train.jit_train_step(model, optimizer, optim.learning_rate_schedule(config))
-    state = jax.jit(functools.partial(train.init_state, model, optimizer, 0))()
-    rng = np.random.default_rng(0)
-    batch = {
-        "images": jnp.asarray(rng.normal(0, 50, (batch_size, 224, 224, 3)), jnp.float32),
-        "labels": jnp.asarray(rng.integers(0, config.model.num_classes, batch_size), jnp.int32),
-    }
-    for _ in range(WARMUP_STEPS):  # The first compiles; the allocator's pool grows over a few.
-        state, step_metrics = step_fn(state, batch)
-        jax.block_until_ready(step_metrics)
+def bare_step_rate(step: train_step.JaxStep, batch_size: int, steps: int) -> float:
+    """Images/s of the compiled step on its fixed device batch, median over ``steps``."""
+    for _ in range(WARMUP_STEPS):
+        step()
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        state, step_metrics = step_fn(state, batch)
-        jax.block_until_ready(step_metrics)
+        step()
         times.append(time.perf_counter() - start)
     return batch_size / statistics.median(times)
 
 
+def fed_step_rate(step: train_step.JaxStep, train_iter, batch_size: int, steps: int) -> float:
+    """Images/s of the step fed from ``train_iter`` the way the training loop feeds it.
+
+    Each host batch becomes a global array and the step is dispatched without
+    waiting, so reading batch t+1 overlaps step t on the device; only the last
+    step's metrics are fetched (the loop fetches them at log steps).
+    """
+    import jax
+
+    for _ in range(WARMUP_STEPS):
+        jax.block_until_ready(step.dispatch(sharding.global_batch(step.mesh, next(train_iter))))
+    start = time.perf_counter()
+    for _ in range(steps):
+        step_metrics = step.dispatch(sharding.global_batch(step.mesh, next(train_iter)))
+    jax.block_until_ready(step_metrics)
+    return batch_size * steps / (time.perf_counter() - start)
+
+
+def _source_images(tmp: str, samples_dir: str | None, synthetic_images: int) -> tuple[str, str]:
+    """Original JPEGs laid out in ``tmp/source``; returns (folder, one-line description)."""
+    source = os.path.join(tmp, "source")
+    if samples_dir and os.path.isdir(samples_dir):
+        samples_as_folder(samples_dir, source)
+        count = len(os.listdir(os.path.join(source, "train")))
+        return source, f"{count} real JPEGs from {os.path.normpath(samples_dir)}"
+    synthetic_folder(source, synthetic_images)
+    return source, f"{synthetic_images} synthetic JPEGs (no samples directory)"
+
+
 def run(
+    config: ml_collections.ConfigDict,
     *,
     samples_dir: str | None,
     synthetic_images: int = 100,
-    batch_size: int = 64,
-    num_threads: int = 2,
     rounds: int = 5,
     batches_per_round: int = 4,
-    train_width: float = 1.0,
     train_steps: int = 3,
-    dtype: str = "float32",
 ) -> dict[str, float]:
-    """Runs the three measurements and prints them; returns the numbers."""
+    """Runs the four measurements on ``config``'s pipeline and network; prints, returns them."""
+    config_lib.validate(config)
+    batch_size, data = config.batch_size, config.data
     with tempfile.TemporaryDirectory() as tmp:
-        source = os.path.join(tmp, "source")
-        if samples_dir and os.path.isdir(samples_dir):
-            samples_as_folder(samples_dir, source)
-            described = f"{len(os.listdir(os.path.join(source, 'train')))} real JPEGs"
-            described += f" from {os.path.normpath(samples_dir)}"
-        else:
-            synthetic_folder(source, synthetic_images)
-            described = f"{synthetic_images} synthetic JPEGs (no samples directory)"
+        source, described = _source_images(tmp, samples_dir, synthetic_images)
         files = sorted(
             os.path.join(root, f)
             for root, _, names in os.walk(os.path.join(source, "train"))
@@ -185,20 +198,18 @@ def run(
         prepare_rate = len(files) / (time.perf_counter() - start)
 
         dataset = pipeline.open_dataset(os.path.join(tmp, "prepared"), how_to_prepare="-")
-        preprocessing = pipeline.Preprocessing(
-            mean=dataset.mean_image(),
-            eigenvalues=dataset.rgb_eigen()[0],
-            eigenvectors=dataset.rgb_eigen()[1],
-            dtype=dtype,
-        )
-        train_iter = pipeline.train_iterator(
+        new_iterator = functools.partial(
+            pipeline.train_iterator,
             dataset,
             batch_size=batch_size,
-            seed=0,
-            preprocessing=preprocessing,
-            num_threads=num_threads,
+            seed=config.seed,
+            preprocessing=pipeline.Preprocessing.from_config(data, dataset),
+            num_workers=data.num_workers,
+            num_threads=data.num_threads,
+            prefetch=data.prefetch,
         )
-        loader = FullSizeLoader(files, dataset.mean_image(), num_threads)
+        train_iter = new_iterator()
+        loader = FullSizeLoader(files, dataset.mean_image(), data.num_threads)
         next(train_iter), loader.batch(batch_size)  # Warm up both.
         pipeline_rates, loader_rates = [], []
         next_pipeline_batch = functools.partial(next, train_iter)
@@ -209,9 +220,13 @@ def run(
         loader.close()
         del train_iter
 
+        step = train_step.jax_train_step(config)
+        step_rate = bare_step_rate(step, batch_size, train_steps)
+        fed_rate = fed_step_rate(step, new_iterator(), batch_size, train_steps)
+        del step
+
     pipeline_rate = statistics.median(pipeline_rates)
     loader_rate = statistics.median(loader_rates)
-    step_rate = train_step_rate(train_width, batch_size, train_steps)
     results = {
         "prepare_images_per_sec": prepare_rate,
         "pipeline_images_per_sec": pipeline_rate,
@@ -219,16 +234,25 @@ def run(
         "pipeline_over_loader": pipeline_rate / loader_rate,
         "train_step_images_per_sec": step_rate,
         "pipeline_over_train_step": pipeline_rate / step_rate,
+        "fed_train_step_images_per_sec": fed_rate,
+        "fed_over_train_step": fed_rate / step_rate,
     }
+    m = config.model
+    network = f"width {m.width:g}, {m.compute_dtype}, batch {batch_size}"
     rows = [
         ("preparation, full-size JPEG -> 256px shard", prepare_rate, "images/s"),
-        (f"grain train pipeline, prepared 256px, {dtype}", pipeline_rate, "images/s"),
+        (f"grain train pipeline, prepared 256px, {data.dtype}", pipeline_rate, "images/s"),
         ("full-size per-image loader (PIL)", loader_rate, "images/s"),
         ("pipeline / full-size loader", results["pipeline_over_loader"], "x"),
-        (f"train step, width {train_width:g}, batch {batch_size}", step_rate, "images/s"),
+        (f"train step, {network}", step_rate, "images/s"),
         ("pipeline / train step", results["pipeline_over_train_step"], "x"),
+        ("train step fed by the pipeline", fed_rate, "images/s"),
+        ("fed / bare train step", results["fed_over_train_step"], "x"),
     ]
-    print(f"Input pipeline benchmark: {described}; batch {batch_size}, {num_threads} threads")
+    print(
+        f"Input pipeline benchmark: {described}; batch {batch_size}, {data.num_threads} "
+        f"threads, {data.num_workers} workers"
+    )
     for label, value, unit in rows:
         print(f"  {label + ':':47s} {value:9.2f} {unit}")
     keeps_up = "yes" if results["pipeline_over_train_step"] >= 1 else "NO"
@@ -241,33 +265,33 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
     """Command-line flags, defined only when run as a command (no clashes on import)."""
+    config_flags.DEFINE_config_file(
+        "config",
+        train_step.DEFAULT_CONFIG,
+        "Experiment config: batch size, config.data's pipeline, the network.",
+        lock_config=True,
+    )
     flags.DEFINE_string(
         "samples_dir", DEFAULT_SAMPLES, "Real JPEGs (<wnid>_<name>.JPEG); '' = synthetic."
     )
     flags.DEFINE_integer("synthetic_images", 100, "Synthetic images when there is no samples_dir.")
-    flags.DEFINE_integer("batch_size", 64, "Batch size for the pipeline, the loader and the step.")
-    flags.DEFINE_integer("num_threads", 2, "Decoding threads (grain threads; loader workers).")
     flags.DEFINE_integer("rounds", 5, "Alternating timing rounds (medians reported).")
     flags.DEFINE_integer("batches_per_round", 4, "Batches timed per round.")
-    flags.DEFINE_float("train_width", 1.0, "Model width for the train step (1.0 = the paper's).")
-    flags.DEFINE_integer("train_steps", 3, "Timed train steps after compilation.")
-    flags.DEFINE_enum("dtype", "float32", list(pipeline.DTYPES), "Pipeline batch dtype.")
+    flags.DEFINE_integer("train_steps", 3, "Timed train steps, bare and fed, after warm-up.")
 
 
 def main(argv) -> None:
-    del argv
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     tuning.configure_process()  # As launch.py does, before JAX starts its backends.
     allocator.use(tuning.host_allocator())  # May restart this command once.
     run(
+        FLAGS.config,
         samples_dir=FLAGS.samples_dir or None,
         synthetic_images=FLAGS.synthetic_images,
-        batch_size=FLAGS.batch_size,
-        num_threads=FLAGS.num_threads,
         rounds=FLAGS.rounds,
         batches_per_round=FLAGS.batches_per_round,
-        train_width=FLAGS.train_width,
         train_steps=FLAGS.train_steps,
-        dtype=FLAGS.dtype,
     )
 
 

@@ -1,23 +1,32 @@
-"""Train-step speed against PyTorch and against this machine's own matmul peak.
+"""Train-step speed of a config's network: JAX against PyTorch and against the chip's peak.
 
-    python -m alexnet_jax.benchmarks.train_step       # the paper's net, batch 128 and 64
-    python -m alexnet_jax.benchmarks.train_step --batch_sizes=128 --steps=10
-    python -m alexnet_jax.benchmarks.train_step --width=0.0625 --batch_sizes=4 --skip_torch
+    python -m alexnet_jax.benchmarks.train_step          # configs/imagenet.py, batch 128 and 64
+    python -m alexnet_jax.benchmarks.train_step --config=configs/imagenet.py \
+        --config.model.width=0.25 --batch_sizes=128,64
+    python -m alexnet_jax.benchmarks.train_step --config.model.compute_dtype=bfloat16
+    python -m alexnet_jax.benchmarks.train_step --framework=torch --batch_sizes=128  # its own RSS
 
-In one process, on one machine, it prints:
-  * the f32 matmul peak XLA reaches here (the ceiling for a conv net on CPU);
-  * per batch size: the project's jitted train step (the same ``train.train_step``
-    that ``launch.py`` runs, donated state): compile time, images/s, achieved
-    GFLOP/s and its fraction of the matmul peak;
-  * the same network in PyTorch eager (two towers as grouped convs, the paper's
-    LRN per tower, dropout, SGD with momentum and weight decay) and the ratio
-    project / PyTorch; skipped with a message when torch is not installed
-    (``pip install -r requirements-bench.txt``);
-  * peak resident memory, a per-layer forward+backward time table, and eval
-    throughput for the centre crop and for 10 crops (softmax averaged).
+The network, its compute dtype, the optimizer and the mesh are the config's
+(``--config`` plus ``--config.*`` overrides, as ``launch.py`` takes them), so
+the step timed is the one that config trains; only ``batch_size`` is replaced
+by each of ``--batch_sizes``. In one process it prints:
+  * the host CPU and its bfloat16 instructions (AVX512-BF16, AMX), and the
+    matmul peak XLA reaches here in the compute dtype;
+  * per batch size: the trainer's jitted step (built as ``train.py`` builds it:
+    mesh, ``inference.build_model``, ``optim.make_optimizer``, state donated)
+    with compile time, images/s, GFLOP/s, fraction of the peak, and device
+    memory where the backend reports it;
+  * the same network in PyTorch, eager and under ``torch.compile`` (inductor),
+    in alternating turns with the JAX step, and the ratios; bfloat16 compute
+    runs PyTorch under CPU autocast. Skipped with the reason when torch is not
+    installed (``pip install -r requirements-bench.txt``) or inductor fails;
+  * peak resident memory: ``ru_maxrss`` is per process, so ``--framework=jax``
+    (or ``torch``, ``torch_compile``) times one framework alone and its peak is
+    that framework's;
+  * eval throughput (centre crop, 10 crops) and a per-layer table (JAX only).
 
 The machine may be shared: each number is the median of ``--steps`` timed
-calls after a warm-up call, and A/B comparisons belong in one run.
+calls, and A/B comparisons belong in one run.
 """
 
 from __future__ import annotations
@@ -25,7 +34,10 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import json
 import math
+import os
+import platform
 import resource
 import statistics
 import sys
@@ -33,31 +45,34 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import ml_collections
 from absl import app, flags
+from ml_collections import config_flags
 
-from alexnet_jax import allocator, inference, tuning
-
-_BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["128", "64"], "Train batch sizes to time.")
-_STEPS = flags.DEFINE_integer("steps", 5, "Timed calls per measurement (the median is reported).")
-_WIDTH = flags.DEFINE_float("width", 1.0, "Width multiplier of the network (1.0 = the paper's).")
-_NUM_CLASSES = flags.DEFINE_integer("num_classes", 1000, "Output classes.")
-_USE_LRN = flags.DEFINE_bool("use_lrn", True, "Include local response normalization.")
-_SKIP_TORCH = flags.DEFINE_bool("skip_torch", False, "Do not run the PyTorch reference.")
-_SKIP_LAYERS = flags.DEFINE_bool("skip_layers", False, "Do not print the per-layer table.")
-_SKIP_EVAL = flags.DEFINE_bool("skip_eval", False, "Do not time eval throughput.")
-_MATMUL_SIZE = flags.DEFINE_integer("matmul_size", 2048, "Side of the square f32 matmul peak.")
-_CONV_CHUNK_SIZE = flags.DEFINE_integer(
-    "conv_chunk_size", -1, "config.model.conv_chunk_size (-1 auto: 8 on CPU; 0 whole batch)."
-)
-_KERNELS = flags.DEFINE_enum(
-    "kernels",
-    "auto",
-    list(tuning.KERNEL_CHOICES),
-    "How the model computes its operations: the backend's choice, model.py's plain forms, "
-    "or the CPU schedules (alexnet_jax/tuning.py).",
-)
+import configs
+from alexnet_jax import allocator, config_lib, inference, tuning
 
 IMAGE_SIZE = 224
+DEFAULT_CONFIG = os.path.join(os.path.dirname(configs.__file__), "imagenet.py")
+FRAMEWORKS = ("jax", "torch", "torch_compile")
+# The learning-rate schedule is a function of the step; a nominal epoch length lets the
+# step-based schedules build (their values do not change what a step costs).
+NOMINAL_STEPS_PER_EPOCH = 1000
+NOMINAL_TOTAL_STEPS = 100_000
+# The PyTorch reference's SGD: the paper's values. What a step costs does not depend on them,
+# so the optimizer fields of the config are read only by the JAX step (optim.make_optimizer).
+TORCH_SGD = {"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4}
+# CPU flags (/proc/cpuinfo) that say how fast bfloat16 can be on this host.
+CPU_BF16_FLAGS = ("avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+# Dense (no sparsity) tensor-core peaks in TFLOP/s from NVIDIA's H100 SXM and H200 SXM
+# datasheets (the H200 has the H100's compute; the sheets print twice these, with sparsity).
+# "tensorfloat32" is how JAX computes float32 convolutions and matmuls on these chips by
+# default; "float32" (no tensor cores) applies with jax_default_matmul_precision=highest.
+CHIP_PEAK_TFLOPS = {
+    "H200": {"bfloat16": 989.5, "tensorfloat32": 494.5, "float32": 67.0},
+    "H100 80GB HBM3": {"bfloat16": 989.5, "tensorfloat32": 494.5, "float32": 67.0},
+}
+FULL_F32_PRECISIONS = ("highest", "float32", "f32_f32_f32")
 
 
 def _median_seconds(fn: Callable[[], Any], steps: int) -> float:
@@ -75,13 +90,38 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def matmul_peak_gflops(size: int, steps: int) -> float:
-    """GFLOP/s of an f32 ``size x size`` matmul under XLA: the best of ``steps`` calls."""
+def cpu_features(cpuinfo: str) -> dict[str, Any]:
+    """The CPU's model name and which of ``CPU_BF16_FLAGS`` it has, from /proc/cpuinfo text.
+
+    bfloat16 on CPU is fast only with AVX512-BF16 or AMX; printing them says
+    what a bfloat16 number on this host can mean.
+    """
+    model, cpu_flags = "", set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and not model:
+            model = value.strip()
+        elif key.strip() == "flags" and not cpu_flags:
+            cpu_flags = set(value.split())
+    return {"model": model, "flags": {f: f in cpu_flags for f in CPU_BF16_FLAGS}}
+
+
+def host_cpu() -> dict[str, Any]:
+    """``cpu_features`` of this host (empty flags where /proc/cpuinfo does not exist)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return cpu_features(f.read())
+    except OSError:
+        return {"model": platform.processor(), "flags": {}}
+
+
+def matmul_peak_gflops(size: int, steps: int, dtype: str = "float32") -> float:
+    """GFLOP/s of a ``size x size`` matmul in ``dtype`` under XLA: the best of ``steps`` calls."""
     import jax
     import jax.numpy as jnp
 
-    a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.float32)
-    b = jax.random.normal(jax.random.PRNGKey(1), (size, size), jnp.float32)
+    a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.dtype(dtype))
+    b = jax.random.normal(jax.random.PRNGKey(1), (size, size), jnp.dtype(dtype))
     matmul = jax.jit(jnp.matmul)
     matmul(a, b).block_until_ready()
     best = float("inf")
@@ -92,70 +132,147 @@ def matmul_peak_gflops(size: int, steps: int) -> float:
     return 2 * size**3 / best / 1e9
 
 
-def _config(
-    width: float,
-    num_classes: int,
-    use_lrn: bool,
-    batch_size: int,
-    conv_chunk_size: int = -1,
-):
-    from configs import common
+def chip_peak_tflops(
+    device_kind: str, compute_dtype: str, matmul_precision: str | None = None
+) -> tuple[float, str] | None:
+    """The datasheet peak of a known accelerator for this dtype, and what it counts.
 
-    config = common.base_config()
-    config.model.width = width
-    config.model.num_classes = num_classes
-    config.model.use_lrn = use_lrn
-    config.model.conv_chunk_size = conv_chunk_size
-    config.batch_size = batch_size
-    return config
+    None for other devices (the CPU, unknown chips): the benchmark then uses
+    the matmul peak it measures, or ``--peak_tflops``.
+    """
+    for name, peaks in CHIP_PEAK_TFLOPS.items():
+        if name in device_kind:
+            if compute_dtype == "bfloat16":
+                mode = "bfloat16"
+            elif str(matmul_precision or "").lower() in FULL_F32_PRECISIONS:
+                mode = "float32"
+            else:
+                mode = "tensorfloat32"
+            return peaks[mode], f"{name} datasheet, dense {mode}"
+    return None
 
 
-def build_model(config, kernels: str = "auto"):
-    """``inference.build_model(config)`` with the ``kernels`` choice (``tuning.kernels``)."""
+def selected_frameworks(
+    framework: str, *, skip_torch: bool = False, skip_torch_compile: bool = False
+) -> tuple[str, ...]:
+    """What to time: ``framework`` alone (its own peak memory) or "all", less the skipped."""
+    if framework != "all" and framework not in FRAMEWORKS:
+        raise ValueError(f"framework {framework!r} is not 'all' or one of {FRAMEWORKS}")
+    chosen = FRAMEWORKS if framework == "all" else (framework,)
+    skipped = {"torch": skip_torch, "torch_compile": skip_torch_compile}
+    chosen = tuple(f for f in chosen if not skipped.get(f, False))
+    if not chosen:
+        raise ValueError(f"--framework={framework} with its skip flag leaves nothing to time")
+    return chosen
 
-    return inference.build_model(config).clone(
+
+def with_batch_size(
+    config: ml_collections.ConfigDict, batch_size: int
+) -> ml_collections.ConfigDict:
+    """A copy of ``config`` training at ``batch_size`` (the config itself is left alone)."""
+    copy = config.copy_and_resolve_references()
+    copy.batch_size = batch_size
+    return copy
+
+
+def build_model(config: ml_collections.ConfigDict, kernels: str = "auto", mesh: Any = None):
+    """``inference.build_model(config, mesh)`` with the ``kernels`` choice (``tuning.kernels``)."""
+    return inference.build_model(config, mesh).clone(
         kernels=tuning.kernels(conv_chunk_size=config.model.conv_chunk_size, choice=kernels)
     )
 
 
-def _random_batch(batch_size: int, num_classes: int, seed: int = 0) -> dict[str, Any]:
+def random_batch(
+    batch_size: int, num_classes: int, seed: int = 0, dtype: str = "float32"
+) -> dict[str, Any]:
+    """Images and labels shaped (and typed, ``config.data.dtype``) as the pipeline yields them."""
     import numpy as np
 
+    from alexnet_jax.data import pipeline
+
     rng = np.random.default_rng(seed)
+    images = rng.normal(0, 50, (batch_size, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
     return {
-        "images": rng.normal(0, 50, (batch_size, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32),
+        "images": images.astype(pipeline.numpy_dtype(dtype)),
         "labels": rng.integers(0, num_classes, batch_size).astype(np.int32),
     }
 
 
-def jax_train_step(config, kernels: str = "auto") -> tuple[Callable[[], None], dict[str, float]]:
-    """The project's train step, jitted as in ``train.train_and_evaluate``.
+@dataclasses.dataclass
+class JaxStep:
+    """The trainer's compiled step with its own state, a fixed batch and what XLA says of it."""
 
-    Returns a function that runs one step to completion, and the compile time
-    and XLA's FLOP count of the compiled step.
+    compiled: Any
+    state: Any
+    batch: dict[str, Any]
+    mesh: Any
+    compile_s: float
+    xla_flops: float
+    memory: Any  # XLA's CompiledMemoryStats of the step.
+
+    def dispatch(self, batch: dict[str, Any]) -> Any:
+        """Starts one step on ``batch`` (a global batch) and returns its metrics, unfetched."""
+        self.state, step_metrics = self.compiled(self.state, batch)
+        return step_metrics
+
+    def __call__(self) -> None:
+        """One step on the fixed batch, run to completion."""
+        import jax
+
+        jax.block_until_ready(self.dispatch(self.batch))
+
+
+def jax_train_step(config: ml_collections.ConfigDict, kernels: str = "auto") -> JaxStep:
+    """The project's train step for ``config``, set up as ``train.train_and_evaluate`` does.
+
+    The mesh from ``config.mesh_shape``, the model from ``inference.build_model``,
+    the optimizer and schedule from ``optim``, the state initialized under jit with
+    the trainer's shardings and donated to ``train.jit_train_step``.
     """
     import jax
 
-    from alexnet_jax import optim, train
+    from alexnet_jax import optim, sharding, train
 
-    model = build_model(config, kernels)
+    mesh = sharding.make_mesh(config.mesh_shape)
+    model = build_model(config, kernels, mesh)
     optimizer = optim.make_optimizer(config)
-    step_fn = train.jit_train_step(model, optimizer, optim.learning_rate_schedule(config))
-    state = jax.jit(functools.partial(train.init_state, model, optimizer, config.seed))()
-    batch = jax.device_put(_random_batch(config.batch_size, config.model.num_classes))
+    learning_rate_fn = optim.learning_rate_schedule(
+        config, steps_per_epoch=NOMINAL_STEPS_PER_EPOCH, total_steps=NOMINAL_TOTAL_STEPS
+    )
+    init_fn = functools.partial(train.init_state, model, optimizer, config.seed)
+    state_shardings = sharding.state_shardings(mesh, jax.eval_shape(init_fn))
+    step_fn = train.jit_train_step(
+        model,
+        optimizer,
+        learning_rate_fn,
+        in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+    )
+    state = jax.jit(init_fn, out_shardings=state_shardings)()
+    local = random_batch(config.batch_size, config.model.num_classes, dtype=config.data.dtype)
+    batch = sharding.global_batch(mesh, local)
 
     start = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
-    flops = _xla_flops(compiled)
+    return JaxStep(
+        compiled=compiled,
+        state=state,
+        batch=batch,
+        mesh=mesh,
+        compile_s=compile_s,
+        xla_flops=_xla_flops(compiled),
+        memory=compiled.memory_analysis(),
+    )
 
-    holder = {"state": state}
 
-    def one_step():
-        holder["state"], step_metrics = compiled(holder["state"], batch)
-        jax.block_until_ready(step_metrics)
+def device_peak_mib() -> float | None:
+    """Peak bytes in use on the first device so far (MiB); None where not reported (CPU)."""
+    import jax
 
-    return one_step, {"compile_s": compile_s, "xla_flops": flops}
+    stats = jax.local_devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / 2**20
 
 
 def time_alternating(
@@ -257,7 +374,7 @@ def time_eval(config, batch_size: int, steps: int, kernels: str = "auto") -> dic
         )
         return augment.average_crop_softmax(logits.reshape(b, n, -1))
 
-    images = jnp.asarray(_random_batch(batch_size, 2)["images"])
+    images = jnp.asarray(random_batch(batch_size, 2)["images"])
     # 10 crops per image: time ~batch_size crops per call, i.e. batch_size // 10 images.
     ten_images = max(1, batch_size // 10)
     first = np.asarray(images[:ten_images])
@@ -290,7 +407,7 @@ def layer_table(
 
     model = build_model(config, kernels)
     jit = jax.jit
-    images = jnp.asarray(_random_batch(batch_size, 2)["images"])
+    images = jnp.asarray(random_batch(batch_size, 2)["images"])
     variables = jax.jit(lambda x: model.init(jax.random.PRNGKey(0), x, train=False))(images[:1])
     calls: list[tuple[str, nn.Module, tuple, dict, Any]] = []
 
@@ -407,156 +524,269 @@ def torch_alexnet(num_classes: int, width: float, use_lrn: bool):
     )  # fmt: skip
 
 
-def torch_train_step(config) -> tuple[Callable[[], None], dict[str, float]]:
-    """PyTorch eager train step of the same network, with torch's default threads."""
+class TorchCompileError(RuntimeError):
+    """torch.compile could not build the step (inductor needs a working C++ compiler on CPU)."""
+
+
+def torch_train_step(
+    config: ml_collections.ConfigDict, *, compiled: bool = False
+) -> tuple[Callable[[], None], dict[str, Any]]:
+    """PyTorch train step of the same network, eager or under ``torch.compile`` (inductor).
+
+    bfloat16 compute (``config.model.compute_dtype``) runs the forward and the
+    loss under CPU autocast, as JAX casts inputs and weights per layer; the
+    parameters and SGD stay float32 in both. Compiled, the first step (which
+    compiles forward and backward) runs here and its time is ``compile_s``.
+    """
     import torch
     from torch.nn import functional
 
     m = config.model
     net = torch_alexnet(m.num_classes, m.width, m.use_lrn)
-    optimizer = torch.optim.SGD(
-        net.parameters(),
-        lr=config.learning_rate,
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-    )
-    batch = _random_batch(config.batch_size, m.num_classes)
+    optimizer = torch.optim.SGD(net.parameters(), **TORCH_SGD)
+    batch = random_batch(config.batch_size, m.num_classes)
     images = torch.from_numpy(batch["images"]).permute(0, 3, 1, 2).contiguous()
     labels = torch.from_numpy(batch["labels"]).long()
+    bfloat16 = m.compute_dtype == "bfloat16"
     net.train()
+    if compiled:
+        torch._dynamo.reset()  # Each batch size compiles afresh, with static shapes.
+    forward = torch.compile(net, dynamic=False) if compiled else net
 
     def one_step():
         optimizer.zero_grad(set_to_none=True)
-        loss = functional.cross_entropy(net(images), labels)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bfloat16):
+            loss = functional.cross_entropy(forward(images), labels)
         loss.backward()
         optimizer.step()
 
-    return one_step, {
-        "params": sum(p.numel() for p in net.parameters()),
-        "threads": torch.get_num_threads(),
-    }
+    info = {"params": sum(p.numel() for p in net.parameters()), "threads": torch.get_num_threads()}
+    if compiled:
+        start = time.perf_counter()
+        try:
+            one_step()
+        except Exception as e:  # noqa: BLE001 - inductor raises many kinds (compiler, codegen).
+            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise TorchCompileError(
+                f"torch.compile failed: {type(e).__name__}: {first_line}"
+            ) from e
+        info["compile_s"] = time.perf_counter() - start
+    return one_step, info
+
+
+def torch_unavailable(frameworks: Sequence[str], backend: str) -> str | None:
+    """Why the PyTorch steps cannot run here, or None."""
+    if not any(f.startswith("torch") for f in frameworks):
+        return None
+    if backend != "cpu" and "jax" in frameworks:
+        return f"the PyTorch reference runs on the CPU; JAX runs on {backend}"
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return "torch is not installed (pip install -r requirements-bench.txt)"
+    return None
+
+
+def resolve_peak(
+    peak_tflops: float, device_kind: str, compute_dtype: str, measured_gflops: float
+) -> tuple[float, str]:
+    """The peak (GFLOP/s) that fractions are taken of, and where it comes from.
+
+    ``--peak_tflops`` if given; else a known accelerator's datasheet peak; else
+    the matmul peak measured on this machine (the CPU's practical ceiling).
+    """
+    import jax
+
+    if peak_tflops > 0:
+        return peak_tflops * 1e3, "--peak_tflops"
+    chip = chip_peak_tflops(device_kind, compute_dtype, jax.config.jax_default_matmul_precision)
+    if chip is not None:
+        return chip[0] * 1e3, chip[1]
+    return measured_gflops, f"measured {compute_dtype} matmul"
+
+
+def _ratio(times: dict[str, list], slow: str, fast: str = "jax") -> float:
+    """Median of per-step time ratios ``slow / fast`` over the alternating turns."""
+    return statistics.median(s / f for s, f in zip(times[slow], times[fast], strict=True))
 
 
 def run(
+    config: ml_collections.ConfigDict,
     batch_sizes: Sequence[int],
     *,
     steps: int,
-    width: float = 1.0,
-    num_classes: int = 1000,
-    use_lrn: bool = True,
-    skip_torch: bool = False,
+    frameworks: Sequence[str] = FRAMEWORKS,
     skip_layers: bool = False,
     skip_eval: bool = False,
     matmul_size: int = 2048,
-    conv_chunk_size: int = -1,
     kernels: str = "auto",
+    peak_tflops: float = 0.0,
 ) -> dict[str, Any]:
-    """Runs every measurement, prints the report, and returns the numbers."""
+    """Runs every measurement on ``config``'s network, prints the report, returns the numbers."""
     import jax
 
     from alexnet_jax import model as model_lib
-    from alexnet_jax import train
+    from alexnet_jax import optim, train
 
-    out: dict[str, Any] = {"batches": {}}
+    config_lib.validate(config)
+    m = config.model
+    device = jax.local_devices()[0]
+    out: dict[str, Any] = {"batches": {}, "frameworks": list(frameworks)}
     print(f"jax {jax.__version__} on {jax.devices()} ({_cpu_count()} CPU cores)")
+    out["cpu"] = host_cpu()
+    features = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in out["cpu"]["flags"].items())
+    print(f"host CPU: {out['cpu']['model'] or 'unknown'}; {features or 'flags unknown'}")
     out["host_allocator"] = allocator.active()
     out["cpu_conv_library"] = tuning.cpu_conv_library() if jax.default_backend() == "cpu" else "n/a"
-    base = _config(width, num_classes, use_lrn, batch_sizes[0], conv_chunk_size)
+    base = with_batch_size(config, batch_sizes[0])
     base_model = build_model(base, kernels)
     out["kernels"] = _describe_kernels(base_model.kernels)
     print(f"host allocator: {out['host_allocator']}; CPU convolutions: "
           f"{out['cpu_conv_library']}; kernels: {out['kernels']}")  # fmt: skip
     params = jax.eval_shape(
-        functools.partial(train.init_state, base_model, _optimizer(base), base.seed)
+        functools.partial(train.init_state, base_model, optim.make_optimizer(base), base.seed)
     ).params
     out["params"] = model_lib.count_params(params)
-    print(f"network: width {width}, {num_classes} classes, LRN {use_lrn}, "
-          f"{out['params']:,} parameters, float32")  # fmt: skip
+    print(f"network: width {m.width}, {m.num_classes} classes, LRN {m.use_lrn}, "
+          f"{out['params']:,} parameters, compute {m.compute_dtype}, "
+          f"mesh {tuple(config.mesh_shape)}")  # fmt: skip
 
-    out["matmul_peak_gflops"] = matmul_peak_gflops(matmul_size, steps)
+    out["matmul_peak_gflops"] = matmul_peak_gflops(matmul_size, steps, m.compute_dtype)
     print(f"matmul peak: {out['matmul_peak_gflops']:.1f} GFLOP/s "
-          f"(f32 {matmul_size}x{matmul_size} under XLA, best of runs)")  # fmt: skip
+          f"({m.compute_dtype} {matmul_size}x{matmul_size} under XLA, best of runs)")  # fmt: skip
+    peak, peak_source = resolve_peak(
+        peak_tflops, device.device_kind, m.compute_dtype, out["matmul_peak_gflops"]
+    )
+    out["peak_gflops"], out["peak_source"] = peak, peak_source
+    print(f"peak for fractions: {peak / 1e3:.3f} TFLOP/s ({peak_source})")
     out["train_gflop_per_image"] = 3 * forward_flops_per_image(base) / 1e9
     print(f"model FLOPs: {out['train_gflop_per_image']:.3f} GFLOP per training image "
           "(3 x forward: forward, input and weight gradients)")  # fmt: skip
 
-    torch_error = None
-    if not skip_torch:
-        try:
-            import torch  # noqa: F401
-        except ImportError:
-            torch_error = "torch is not installed (pip install -r requirements-bench.txt)"
+    not_selected = "not selected (--framework, --skip_torch, --skip_torch_compile)"
+    skipped = {f: not_selected for f in FRAMEWORKS if f not in frameworks}
+    torch_error = torch_unavailable(frameworks, jax.default_backend())
+    for f in frameworks:
+        if f.startswith("torch") and torch_error:
+            skipped[f] = torch_error
+    out["rss_before_steps_mib"] = peak_rss_mib()
     for batch_size in batch_sizes:
-        config = _config(width, num_classes, use_lrn, batch_size, conv_chunk_size)
-        jax_step, jax_info = jax_train_step(config, kernels)
-        steps_by_name = {"jax": jax_step}
-        if not (skip_torch or torch_error):
-            torch_step, torch_info = torch_train_step(config)
-            steps_by_name["torch"] = torch_step
-        times = time_alternating(steps_by_name, steps)
-        images_per_s = batch_size / statistics.median(times["jax"])
-        gflops = images_per_s * out["train_gflop_per_image"]
-        row = {
-            "images_per_s": images_per_s,
-            "gflops": gflops,
-            "fraction_of_peak": gflops / out["matmul_peak_gflops"],
-            "compile_s": jax_info["compile_s"],
-            "xla_step_gflop": jax_info["xla_flops"] / 1e9,
-        }
-        print(f"[jax] batch {batch_size}: {images_per_s:.1f} images/s, {gflops:.1f} GFLOP/s, "
-              f"{row['fraction_of_peak']:.2f} of matmul peak, compile {row['compile_s']:.1f} s, "
-              f"step {1e3 * batch_size / images_per_s:.0f} ms "
-              f"(best {batch_size / min(times['jax']):.1f} images/s)")  # fmt: skip
-        row["peak_rss_mib"] = peak_rss_mib()
-        print(f"peak resident memory: {row['peak_rss_mib']:.0f} MiB (process, after batch "
-              f"{batch_size})")  # fmt: skip
-        if skip_torch:
-            print(f"[torch] batch {batch_size}: skipped (--skip_torch)")
-        elif torch_error:
-            print(f"[torch] batch {batch_size}: skipped: {torch_error}")
-        else:
-            row["torch_images_per_s"] = batch_size / statistics.median(times["torch"])
-            paired = [t / j for t, j in zip(times["torch"], times["jax"], strict=True)]
-            row["ratio"] = statistics.median(paired)
-            threads, params = torch_info["threads"], torch_info["params"]
-            print(f"[torch] batch {batch_size}: {row['torch_images_per_s']:.1f} images/s "
-                  f"({threads} threads, {params:,} parameters)")  # fmt: skip
-            print(
-                f"ratio jax/torch at batch {batch_size}: {row['ratio']:.2f}x "
-                "(median of per-step time ratios over alternating turns)"
-            )
-        del steps_by_name, jax_step  # Free this batch size's buffers before the next.
+        row = _time_batch(
+            with_batch_size(config, batch_size), frameworks, skipped, steps, kernels, out
+        )
         out["batches"][batch_size] = row
 
-    eval_batch = batch_sizes[0]
-    if not skip_eval:
+    if "jax" in frameworks and not skip_eval:
+        eval_batch = batch_sizes[0]
         out["eval"] = time_eval(base, eval_batch, steps, kernels)
         print(f"[eval] centre crop: {out['eval']['centre']:.1f} images/s (batch {eval_batch}); "
               f"10 crops: {out['eval']['ten_crop']:.1f} images/s "
               f"({max(1, eval_batch // 10)} images x 10 crops per call)")  # fmt: skip
-    if not skip_layers:
-        rows = layer_table(base, batch_sizes[-1], steps, kernels)
-        out["layers"] = rows
-        print(f"per-layer times, batch {batch_sizes[-1]} (median ms):")
-        print(f"  {'layer':<16}{'output':<30}{'fwd ms':>9}{'fwd+bwd ms':>12}")
-        for name, shape, fwd_ms, both_ms in rows:
-            print(f"  {name:<16}{shape:<30}{fwd_ms:>9.1f}{both_ms:>12.1f}")
-        total = sum(r[3] for r in rows)
-        print(f"  {'sum':<46}{sum(r[2] for r in rows):>9.1f}{total:>12.1f}")
-        print("  (xN: the layer runs on N conv chunks; one chunk timed, times N)")
-        print(
-            "  (fwd+bwd = the forward plus the gradients w.r.t. inputs and parameters, "
-            "as in a train step)"
-        )
-        batch_row = out["batches"][batch_sizes[-1]]
-        step_ms = 1e3 * batch_sizes[-1] / batch_row["images_per_s"]
-        print(
-            f"  whole train step: {step_ms:.1f} ms (the rest: ReLU, dropout, loss, optimizer, "
-            "copies, minus fusion across layers)"
-        )
+    if "jax" in frameworks and not skip_layers:
+        out["layers"] = _print_layer_table(base, batch_sizes[-1], steps, kernels, out)
     out["peak_rss_mib"] = peak_rss_mib()
     print(f"peak resident memory (whole run): {out['peak_rss_mib']:.0f} MiB")
     return out
+
+
+def _time_batch(
+    config: ml_collections.ConfigDict,
+    frameworks: Sequence[str],
+    skipped: dict[str, str],
+    steps: int,
+    kernels: str,
+    out: dict[str, Any],
+) -> dict[str, Any]:
+    """Builds each framework's step at ``config.batch_size``, times them in turns, prints."""
+    batch_size = config.batch_size
+    steps_by_name: dict[str, Callable[[], None]] = {}
+    info: dict[str, dict[str, Any]] = {}
+    if "jax" in frameworks:
+        jax_step = jax_train_step(config, kernels)
+        steps_by_name["jax"] = jax_step
+        info["jax"] = {"compile_s": jax_step.compile_s}
+    for name in ("torch", "torch_compile"):
+        if name in frameworks and name not in skipped:
+            try:
+                steps_by_name[name], info[name] = torch_train_step(
+                    config, compiled=name == "torch_compile"
+                )
+            except TorchCompileError as e:
+                skipped[name] = str(e)
+    times = time_alternating(steps_by_name, steps)
+    row: dict[str, Any] = {}
+    for name in FRAMEWORKS:
+        if name not in times:
+            print(f"[{name}] batch {batch_size}: skipped: {skipped.get(name, 'not run')}")
+            continue
+        images_per_s = batch_size / statistics.median(times[name])
+        gflops = images_per_s * out["train_gflop_per_image"]
+        prefix = "" if name == "jax" else f"{name}_"
+        row[f"{prefix}images_per_s"] = images_per_s
+        row[f"{prefix}gflops"] = gflops
+        row[f"{prefix}fraction_of_peak"] = gflops / out["peak_gflops"]
+        line = (
+            f"[{name}] batch {batch_size}: {images_per_s:.1f} images/s, {gflops:.1f} GFLOP/s, "
+            f"{gflops / out['peak_gflops']:.2f} of peak"
+        )
+        if "compile_s" in info[name]:
+            row[f"{prefix}compile_s"] = info[name]["compile_s"]
+            line += f", compile {info[name]['compile_s']:.1f} s"
+        if name == "jax":
+            row["xla_step_gflop"] = jax_step.xla_flops / 1e9
+            line += (f", step {1e3 * batch_size / images_per_s:.0f} ms "
+                     f"(best {batch_size / min(times['jax']):.1f} images/s)")  # fmt: skip
+        else:
+            line += f" ({info[name]['threads']} threads, {info[name]['params']:,} parameters)"
+        if name == "torch_compile":
+            line += "; compile = its first step (dynamo + inductor)"
+        print(line)
+    for name in ("torch", "torch_compile"):
+        if "jax" in times and name in times:
+            row[f"ratio_{name}"] = _ratio(times, name)
+            print(f"ratio jax/{name} at batch {batch_size}: {row[f'ratio_{name}']:.2f}x "
+                  "(median of per-step time ratios over alternating turns)")  # fmt: skip
+    if "jax" in times:
+        row["ratio"] = row.get("ratio_torch")
+        memory = jax_step.memory
+        row["xla_arguments_mib"] = memory.argument_size_in_bytes / 2**20
+        row["xla_temporaries_mib"] = memory.temp_size_in_bytes / 2**20
+        row["device_peak_mib"] = device_peak_mib()
+        device_text = (
+            "" if row["device_peak_mib"] is None
+            else f"device peak in use {row['device_peak_mib']:.0f} MiB (process so far); "
+        )  # fmt: skip
+        print(f"[jax] memory at batch {batch_size}: {device_text}XLA's step buffers: "
+              f"arguments {row['xla_arguments_mib']:.0f} MiB, "
+              f"temporaries {row['xla_temporaries_mib']:.0f} MiB")  # fmt: skip
+    row["peak_rss_mib"] = peak_rss_mib()
+    print(f"peak resident memory: {row['peak_rss_mib']:.0f} MiB (process, after batch "
+          f"{batch_size}; holds {'+'.join(times) or 'nothing timed'}; "
+          f"{out['rss_before_steps_mib']:.0f} MiB before any step was built)")  # fmt: skip
+    return row
+
+
+def _print_layer_table(
+    config: ml_collections.ConfigDict, batch_size: int, steps: int, kernels: str, out: dict
+) -> list[tuple[str, str, float, float]]:
+    rows = layer_table(config, batch_size, steps, kernels)
+    print(f"per-layer times, batch {batch_size} (median ms):")
+    print(f"  {'layer':<16}{'output':<30}{'fwd ms':>9}{'fwd+bwd ms':>12}")
+    for name, shape, fwd_ms, both_ms in rows:
+        print(f"  {name:<16}{shape:<30}{fwd_ms:>9.1f}{both_ms:>12.1f}")
+    total = sum(r[3] for r in rows)
+    print(f"  {'sum':<46}{sum(r[2] for r in rows):>9.1f}{total:>12.1f}")
+    print("  (xN: the layer runs on N conv chunks; one chunk timed, times N)")
+    print(
+        "  (fwd+bwd = the forward plus the gradients w.r.t. inputs and parameters, "
+        "as in a train step)"
+    )
+    step_ms = 1e3 * batch_size / out["batches"][batch_size]["images_per_s"]
+    print(
+        f"  whole train step: {step_ms:.1f} ms (the rest: ReLU, dropout, loss, optimizer, "
+        "copies, minus fusion across layers)"
+    )
+    return rows
 
 
 def _describe_kernels(kernels) -> str:
@@ -568,38 +798,78 @@ def _describe_kernels(kernels) -> str:
     return ", ".join(parts)
 
 
-def _optimizer(config):
-    from alexnet_jax import optim
-
-    return optim.make_optimizer(config)
-
-
 def _cpu_count() -> int:
-    import os
-
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Command-line flags, defined only when run as a command (other modules import this one)."""
+    config_flags.DEFINE_config_file(
+        "config", DEFAULT_CONFIG, "Experiment config whose network is timed.", lock_config=True
+    )
+    flags.DEFINE_list("batch_sizes", ["128", "64"], "Train batch sizes to time (replace "
+                      "config.batch_size).")  # fmt: skip
+    flags.DEFINE_integer("steps", 5, "Timed calls per measurement (the median is reported).")
+    flags.DEFINE_enum(
+        "framework",
+        "all",
+        ["all", *FRAMEWORKS],
+        "Time all frameworks in turns, or one alone (then the peak resident memory is its own).",
+    )
+    flags.DEFINE_bool("skip_torch", False, "Do not run the PyTorch eager reference.")
+    flags.DEFINE_bool("skip_torch_compile", False, "Do not run the torch.compile reference.")
+    flags.DEFINE_bool("skip_layers", False, "Do not print the per-layer table.")
+    flags.DEFINE_bool("skip_eval", False, "Do not time eval throughput.")
+    flags.DEFINE_integer("matmul_size", 2048, "Side of the square matmul peak (compute dtype).")
+    flags.DEFINE_float(
+        "peak_tflops",
+        0.0,
+        "Peak TFLOP/s for the fractions; 0 = the datasheet peak of a known GPU "
+        f"({', '.join(CHIP_PEAK_TFLOPS)}) for the compute dtype, else the measured matmul peak.",
+    )
+    flags.DEFINE_enum(
+        "kernels",
+        "auto",
+        list(tuning.KERNEL_CHOICES),
+        "How the model computes its operations: the backend's choice, model.py's plain forms, "
+        "or the CPU schedules (alexnet_jax/tuning.py).",
+    )
+    flags.DEFINE_string("json", "", "Also write the numbers to this JSON file.")
 
 
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    try:
+        frameworks = selected_frameworks(
+            FLAGS.framework,
+            skip_torch=FLAGS.skip_torch,
+            skip_torch_compile=FLAGS.skip_torch_compile,
+        )
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     tuning.configure_process()  # As launch.py does, before JAX starts its backends.
     allocator.use(tuning.host_allocator())  # May restart this command once.
-    run(
-        [int(b) for b in _BATCH_SIZES.value],
-        steps=_STEPS.value,
-        width=_WIDTH.value,
-        num_classes=_NUM_CLASSES.value,
-        use_lrn=_USE_LRN.value,
-        skip_torch=_SKIP_TORCH.value,
-        skip_layers=_SKIP_LAYERS.value,
-        skip_eval=_SKIP_EVAL.value,
-        matmul_size=_MATMUL_SIZE.value,
-        conv_chunk_size=_CONV_CHUNK_SIZE.value,
-        kernels=_KERNELS.value,
+    out = run(
+        FLAGS.config,
+        [int(b) for b in FLAGS.batch_sizes],
+        steps=FLAGS.steps,
+        frameworks=frameworks,
+        skip_layers=FLAGS.skip_layers,
+        skip_eval=FLAGS.skip_eval,
+        matmul_size=FLAGS.matmul_size,
+        kernels=FLAGS.kernels,
+        peak_tflops=FLAGS.peak_tflops,
     )
+    if FLAGS.json:
+        with open(FLAGS.json, "w") as f:
+            json.dump(out, f, indent=1, default=str)
     sys.stdout.flush()
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -1,0 +1,47 @@
+"""The input-pipeline benchmark command runs on a tiny config and prints every number."""
+
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_input_pipeline_benchmark_command_prints_its_fields():
+    command = [
+        sys.executable,
+        "-m",
+        "alexnet_jax.benchmarks.input_pipeline",
+        "--samples_dir=",
+        "--synthetic_images=8",
+        "--rounds=1",
+        "--batches_per_round=1",
+        "--train_steps=1",
+        "--config.batch_size=4",
+        "--config.data.num_threads=1",
+        "--config.model.width=0.0625",
+    ]
+    env = {**os.environ, "ALEXNET_JAX_HOST_ALLOCATOR": "system"}  # No restart: a quicker test.
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    numbers = {}
+    for line in result.stdout.splitlines():
+        match = re.match(r"\s+(.+):\s+([\d.]+) (images/s|x)$", line)
+        if match:
+            numbers[match.group(1)] = float(match.group(2))
+    assert len(numbers) == 8, result.stdout
+    assert all(v > 0 for v in numbers.values())
+    rates = [v for k, v in numbers.items() if "/" not in k]
+    pipeline_rate, loader_rate, step_rate, fed_rate = rates[1:]
+    ratios = [v for k, v in numbers.items() if "/" in k]
+    np.testing.assert_allclose(
+        ratios,
+        [pipeline_rate / loader_rate, pipeline_rate / step_rate, fed_rate / step_rate],
+        rtol=0.01,
+    )
+    assert "train step, width 0.0625, float32, batch 4" in result.stdout
+    assert "batch 4, 1 threads, 0 workers" in result.stdout
+    assert "synthetic" in result.stdout and "keeps up" in result.stdout
