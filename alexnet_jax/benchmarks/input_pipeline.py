@@ -204,9 +204,7 @@ def run(
             batch_size=batch_size,
             seed=config.seed,
             preprocessing=pipeline.Preprocessing.from_config(data, dataset),
-            num_workers=data.num_workers,
-            num_threads=data.num_threads,
-            prefetch=data.prefetch,
+            loading=pipeline.Loading.from_config(data),
         )
         train_iter = new_iterator()
         loader = FullSizeLoader(files, dataset.mean_image(), data.num_threads)

@@ -235,9 +235,12 @@ def jax_train_step(config: ml_collections.ConfigDict, kernels: str = "auto") -> 
 
     mesh = sharding.make_mesh(config.mesh_shape)
     model = build_model(config, kernels, mesh)
-    optimizer = optim.make_optimizer(config)
+    optimizer = optim.make_optimizer(config.optim)
     learning_rate_fn = optim.learning_rate_schedule(
-        config, steps_per_epoch=NOMINAL_STEPS_PER_EPOCH, total_steps=NOMINAL_TOTAL_STEPS
+        config.optim,
+        batch_size=config.batch_size,
+        steps_per_epoch=NOMINAL_STEPS_PER_EPOCH,
+        total_steps=NOMINAL_TOTAL_STEPS,
     )
     init_fn = functools.partial(train.init_state, model, optimizer, config.seed)
     state_shardings = sharding.state_shardings(mesh, jax.eval_shape(init_fn))
@@ -644,7 +647,7 @@ def run(
     print(f"host allocator: {out['host_allocator']}; CPU convolutions: "
           f"{out['cpu_conv_library']}; kernels: {out['kernels']}")  # fmt: skip
     params = jax.eval_shape(
-        functools.partial(train.init_state, base_model, optim.make_optimizer(base), base.seed)
+        functools.partial(train.init_state, base_model, optim.make_optimizer(base.optim), base.seed)
     ).params
     out["params"] = model_lib.count_params(params)
     print(f"network: width {m.width}, {m.num_classes} classes, LRN {m.use_lrn}, "
