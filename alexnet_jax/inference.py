@@ -80,14 +80,9 @@ class TrainedModel:
     def views(self, image_256x256x3: np.ndarray, *, ten_crop: bool) -> np.ndarray:
         """A prepared uint8 image -> V x 224 x 224 x 3 float32 inputs (V = 1 or 10)."""
         p = self.preprocessing
-        if ten_crop:
-            return augment.ten_crop(
-                image_256x256x3, mean=p.mean, crop_size=p.crop_size, scale=p.scale
-            )
-        crop = augment.center_crop(
-            image_256x256x3, mean=p.mean, crop_size=p.crop_size, scale=p.scale
+        return augment.eval_views(
+            image_256x256x3, ten_crop=ten_crop, mean=p.mean, crop_size=p.crop_size, scale=p.scale
         )
-        return crop[None]
 
 
 def run_config(

@@ -90,12 +90,12 @@ def test_ten_crops_are_the_corners_centre_and_their_mirrors():
 def test_ten_crop_and_center_crop_subtract_mean_and_scale():
     image = _image(seed=5)
     mean = np.full((256, 256, 3), 100.0, np.float32)
-    crops = augment.ten_crop(image, mean=mean, scale=0.5, dtype=ml_dtypes.bfloat16)
+    crops = augment.eval_views(image, ten_crop=True, mean=mean, scale=0.5, dtype=ml_dtypes.bfloat16)
     assert crops.dtype == ml_dtypes.bfloat16
     np.testing.assert_allclose(
         crops[4].astype(np.float32), (image[16:240, 16:240] - 100.0) * 0.5, rtol=1e-2, atol=0.5
     )
-    centre = augment.center_crop(image, mean=mean, scale=0.5)
+    centre = augment.eval_views(image, ten_crop=False, mean=mean, scale=0.5)[0]
     np.testing.assert_array_equal(centre, (image[16:240, 16:240].astype(np.float32) - 100) * 0.5)
 
 

@@ -159,36 +159,33 @@ def train_augment(
     return image.astype(dtype, copy=False)
 
 
-def center_crop(
-    image_HxWx3: np.ndarray,
-    *,
-    mean: np.ndarray,
-    crop_size: int = CROP_SIZE,
-    scale: float = 1.0,
-    dtype: Any = np.float32,
-) -> np.ndarray:
-    """The central patch minus the mean, times ``scale`` (single-crop evaluation)."""
-    top, left = center_crop_window(*image_HxWx3.shape[:2], crop_size)
-    pixels, mean_patch = crop(image_HxWx3, top, left, crop_size), crop(mean, top, left, crop_size)
-    image = np.subtract(pixels, mean_patch, dtype=np.float32)
+def _scaled(image: np.ndarray, scale: float, dtype: Any) -> np.ndarray:
+    """``image * scale`` in place (float32), as ``dtype``."""
     if scale != 1.0:
         image *= np.float32(scale)
     return image.astype(dtype, copy=False)
 
 
-def ten_crop(
+def eval_views(
     image_HxWx3: np.ndarray,
     *,
+    ten_crop: bool,
     mean: np.ndarray,
     crop_size: int = CROP_SIZE,
     scale: float = 1.0,
     dtype: Any = np.float32,
 ) -> np.ndarray:
-    """The ten test patches of (image - mean) * scale, as 10 x crop x crop x 3."""
-    image = np.subtract(image_HxWx3, mean, dtype=np.float32)
-    if scale != 1.0:
-        image *= np.float32(scale)
-    return ten_crops(image, crop_size).astype(dtype)
+    """(image - mean) * scale at the test patches: V x crop x crop x 3.
+
+    V = 1 (the central patch, single-crop evaluation) or, with ``ten_crop``, the
+    paper's ten (``TEN_CROP_POSITIONS`` order).
+    """
+    if ten_crop:
+        image = _scaled(np.subtract(image_HxWx3, mean, dtype=np.float32), scale, np.float32)
+        return ten_crops(image, crop_size).astype(dtype)
+    top, left = center_crop_window(*image_HxWx3.shape[:2], crop_size)
+    pixels, mean_patch = crop(image_HxWx3, top, left, crop_size), crop(mean, top, left, crop_size)
+    return _scaled(np.subtract(pixels, mean_patch, dtype=np.float32), scale, dtype)[None]
 
 
 def average_crop_softmax(logits_BxNxK: Any) -> Any:

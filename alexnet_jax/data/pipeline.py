@@ -223,6 +223,15 @@ class Preprocessing:
     dtype: str = "float32"
     crop_size: int = CROP_SIZE
 
+    def crop_options(self) -> dict[str, Any]:
+        """What every crop function of ``augment`` takes: mean, crop size, scale, dtype."""
+        return {
+            "mean": self.mean,
+            "crop_size": self.crop_size,
+            "scale": self.scale,
+            "dtype": numpy_dtype(self.dtype),
+        }
+
     @classmethod
     def paper(cls, dataset: Dataset, scale: float = 1.0) -> Preprocessing:
         """The paper's choices: mean image, PCA noise from the dataset's statistics."""
@@ -258,17 +267,8 @@ class TrainTransform(grain.transforms.RandomMap):
     def random_map(self, record: bytes, rng: np.random.Generator) -> dict[str, Any]:
         p = self.preprocessing
         pixels, label = decode_record(record)
-        image = augment.train_augment(
-            pixels,
-            rng,
-            mean=p.mean,
-            eigenvalues=p.eigenvalues,
-            eigenvectors=p.eigenvectors,
-            pca_std=p.pca_std,
-            crop_size=p.crop_size,
-            scale=p.scale,
-            dtype=numpy_dtype(p.dtype),
-        )
+        pca = {"eigenvalues": p.eigenvalues, "eigenvectors": p.eigenvectors, "pca_std": p.pca_std}
+        image = augment.train_augment(pixels, rng, **pca, **p.crop_options())
         return {"images": image, "labels": np.int32(label)}
 
 
@@ -281,16 +281,11 @@ class EvalTransform(grain.transforms.Map):
     ten_crop: bool = False
 
     def map(self, record: bytes) -> dict[str, Any]:
-        p = self.preprocessing
         pixels, label = decode_record(record)
-        crops = augment.ten_crop if self.ten_crop else augment.center_crop
-        image = crops(
-            pixels,
-            mean=p.mean,
-            crop_size=p.crop_size,
-            scale=p.scale,
-            dtype=numpy_dtype(p.dtype),
+        views = augment.eval_views(
+            pixels, ten_crop=self.ten_crop, **self.preprocessing.crop_options()
         )
+        image = views if self.ten_crop else views[0]
         return {"images": image, "labels": np.int32(label)}
 
 
