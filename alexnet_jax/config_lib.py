@@ -140,6 +140,12 @@ FIELDS: tuple[Field, ...] = (
         "Standard deviation of the PCA coefficients alpha.",
     ),
     Field("data.dtype", "float32", one_of("float32", "bfloat16"), "Batch image dtype."),
+    Field(
+        "data.augment_on",
+        "auto",
+        one_of("auto", "host", "device"),
+        "Where crops get mean, colour noise, scale, mirror; auto: device on GPU/TPU.",
+    ),
     # Model: the network (alexnet_jax/model.py; every field but conv_chunk_size is AlexNet's).
     Field(
         "model.num_classes",

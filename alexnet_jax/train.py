@@ -26,8 +26,9 @@ from alexnet_jax import (
     progress,
     run_control,
     sharding,
+    tuning,
 )
-from alexnet_jax.data import demo, pipeline
+from alexnet_jax.data import demo, device_augment, pipeline
 from alexnet_jax.model import AlexNet
 
 IMAGE_SHAPE = (pipeline.CROP_SIZE, pipeline.CROP_SIZE, 3)
@@ -298,12 +299,17 @@ def _train_and_evaluate(
         out_shardings=sharding.replicated(mesh),
     )
 
+    on_device = tuning.finish_augmentation_on_device(config.data.augment_on)
+    train_preprocessing = pipeline.Preprocessing.from_config(
+        config.data, dataset, finish_on_device=on_device
+    )
+    finish_batch = _batch_finisher(train_preprocessing, mesh) if on_device else None
     train_iter = pipeline.train_iterator(
         dataset,
         batch_size=config.batch_size,
         seed=config.seed,
         loading=pipeline.Loading.from_config(config.data),
-        preprocessing=pipeline.Preprocessing.from_config(config.data, dataset),
+        preprocessing=train_preprocessing,
         # Processes on the same rows of the data axis read the same examples.
         process_index=sharding.process_data_shard(mesh)[0],
         process_count=sharding.process_data_shard(mesh)[1],
@@ -358,6 +364,8 @@ def _train_and_evaluate(
         profiler.before_step(step + 1)
         data_start = time.time()
         batch = sharding.global_batch(mesh, next(train_iter))
+        if finish_batch is not None:
+            batch = finish_batch(batch)
         data_seconds += time.time() - data_start
         state, step_metrics = train_fn(state, batch)
         profiler.after_step(step + 1, step_metrics)
@@ -465,6 +473,20 @@ def _train_and_evaluate(
     ckpt.close()
     writer.close()
     return eval_metrics
+
+
+def _batch_finisher(preprocessing: pipeline.Preprocessing, mesh: jax.sharding.Mesh):
+    """A jitted ``device_augment.finish_training_batch`` with the mean image on the devices."""
+    mean = jax.device_put(np.asarray(preprocessing.mean, np.float32), sharding.replicated(mesh))
+    finish = jax.jit(
+        functools.partial(
+            device_augment.finish_training_batch,
+            scale=preprocessing.scale,
+            dtype=jnp.dtype(pipeline.numpy_dtype(preprocessing.dtype)),
+        ),
+        out_shardings=sharding.batch_sharding(mesh),
+    )
+    return lambda batch: finish(batch, mean)
 
 
 def _log_summary(

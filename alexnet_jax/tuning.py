@@ -381,3 +381,15 @@ def kernels(
         chunk = CPU_CONV_CHUNK_SIZE if conv_chunk_size == -1 else conv_chunk_size
         return cpu_kernels(cpu_conv_library(), chunk)
     return plain_kernels(max(conv_chunk_size, 0))
+
+
+def finish_augmentation_on_device(setting: str, backend: str | None = None) -> bool:
+    """``config.data.augment_on`` for this backend: where the augmentation's float work runs.
+
+    "auto": on the accelerator for GPU and TPU, where the host would otherwise set
+    the pace; on the host for CPU, where host and device are the same cores and the
+    NumPy path (``augment.train_augment``) has been measured.
+    """
+    if setting == "auto":
+        return (backend or jax.default_backend()) != "cpu"
+    return setting == "device"

@@ -198,3 +198,26 @@ def test_tfds_statistics_are_computed_once_and_cached_beside_the_data(tmp_path, 
     with pytest.raises(TypeError):  # Another sample size is recomputed (here: by the stub).
         pipeline.open_tfds(tfds_dir, stats_images=3, **kwargs)
     assert reads
+
+
+def test_jpeg_decoding_gives_pillows_pixels(tmp_path):
+    import io
+
+    from PIL import Image
+
+    from alexnet_jax.data import writer
+
+    rng = np.random.default_rng(0)
+    smooth = np.cumsum(rng.integers(-3, 4, (256, 256, 3)), axis=1) % 256
+    for array in (smooth.astype(np.uint8), rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)):
+        jpeg = writer.encode_jpeg(Image.fromarray(array))
+        with Image.open(io.BytesIO(jpeg)) as image:
+            expected = np.asarray(image.convert("RGB"))
+        decoded = pipeline.decode_jpeg(jpeg)
+        assert decoded.dtype == np.uint8 and decoded.shape == (256, 256, 3)
+        # Both are libjpeg-turbo with its default (exact integer) IDCT; another build's
+        # chroma upsampling may round one step differently, never more.
+        assert np.abs(decoded.astype(int) - expected.astype(int)).max() <= 1
+    gray = io.BytesIO()
+    Image.fromarray(smooth[..., 0].astype(np.uint8), "L").save(gray, format="JPEG")
+    assert pipeline.decode_jpeg(gray.getvalue()).shape == (256, 256, 3)  # Grey -> RGB.

@@ -4,7 +4,8 @@ Sec. 4.1 of the paper: random 224x224 patches of the 256x256 image and their
 horizontal reflections, the mean image subtracted, and PCA colour noise; at
 test time the softmax averaged over ten patches (four corners, centre, and
 their reflections). Nothing here knows about grain or JAX, so each step can
-be tested alone; ``pipeline.py`` composes them.
+be tested alone; ``pipeline.py`` composes them. ``device_augment.py`` applies
+the same draws (``train_draws``) to uint8 patches on an accelerator.
 
 Scales: images are on the 0-255 scale. The PCA eigenvalues are those of the
 RGB covariance on the [0, 1] scale (the scale of the commonly quoted
@@ -14,6 +15,7 @@ constants), so the colour offset added to 0-255 pixels is
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -124,6 +126,34 @@ def pca_colour_offset(
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainDraws:
+    """One training presentation's random choices, drawn in this order from one rng."""
+
+    top: int
+    left: int
+    mirror: bool
+    colour_offset: np.ndarray | None  # RGB, 0-255 scale; None without PCA noise.
+
+
+def train_draws(
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    *,
+    eigenvalues: np.ndarray | None,
+    eigenvectors: np.ndarray | None,
+    pca_std: float = PCA_STD,
+    crop_size: int = CROP_SIZE,
+) -> TrainDraws:
+    """The patch, the mirror and the PCA colour offset: the same draws wherever they are applied."""
+    top, left, mirror = random_crop_window(rng, height, width, crop_size)
+    offset = None
+    if eigenvalues is not None:
+        offset = pca_colour_offset(rng, eigenvalues, eigenvectors, pca_std)
+    return TrainDraws(top, left, mirror, offset)
+
+
 def train_augment(
     image_HxWx3: np.ndarray,
     rng: np.random.Generator,
@@ -144,17 +174,20 @@ def train_augment(
     PCA noise is skipped when ``eigenvalues`` is None.
     """
     h, w = image_HxWx3.shape[:2]
-    top, left, mirror = random_crop_window(rng, h, w, crop_size)
-    pixels, mean_patch = crop(image_HxWx3, top, left, crop_size), crop(mean, top, left, crop_size)
+    d = train_draws(
+        rng, h, w, eigenvalues=eigenvalues, eigenvectors=eigenvectors, pca_std=pca_std,
+        crop_size=crop_size,
+    )  # fmt: skip
+    pixels = crop(image_HxWx3, d.top, d.left, crop_size)
+    mean_patch = crop(mean, d.top, d.left, crop_size)
     image = np.subtract(pixels, mean_patch, dtype=np.float32)  # One pass: cast and subtract.
-    if eigenvalues is not None:
-        offset = pca_colour_offset(rng, eigenvalues, eigenvectors, pca_std)
+    if d.colour_offset is not None:
         # Added row-wise: broadcasting a length-3 vector over H x W x 3 is ~8x slower.
         rows = image.reshape(crop_size, -1)  # A view: adds in place.
-        rows += np.tile(offset, crop_size)
+        rows += np.tile(d.colour_offset, crop_size)
     if scale != 1.0:
         image *= np.float32(scale)
-    if mirror:
+    if d.mirror:
         image = flip_left_right(image)
     return image.astype(dtype, copy=False)
 

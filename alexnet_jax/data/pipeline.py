@@ -20,6 +20,7 @@ from typing import Any
 import grain
 import ml_collections
 import numpy as np
+import simplejpeg
 from absl import flags, logging
 from PIL import Image
 
@@ -179,7 +180,15 @@ def open_tfds(
 
 
 def decode_jpeg(jpeg: bytes) -> np.ndarray:
-    """JPEG bytes -> uint8 H x W x 3."""
+    """JPEG bytes -> uint8 H x W x 3.
+
+    simplejpeg (libjpeg-turbo) gives Pillow's pixels in less time (README,
+    "Input pipeline"); Pillow decodes what it declines.
+    """
+    try:
+        return simplejpeg.decode_jpeg(jpeg, colorspace="RGB")
+    except ValueError:
+        pass
     with Image.open(io.BytesIO(jpeg)) as image:
         if image.mode != "RGB":
             image = image.convert("RGB")
@@ -222,6 +231,8 @@ class Preprocessing:
     scale: float = 1.0  # Multiplies mean-subtracted pixels.
     dtype: str = "float32"
     crop_size: int = CROP_SIZE
+    # Training only: ship uint8 patches and the draws; device_augment finishes them.
+    finish_on_device: bool = False
 
     def crop_options(self) -> dict[str, Any]:
         """What every crop function of ``augment`` takes: mean, crop size, scale, dtype."""
@@ -239,8 +250,14 @@ class Preprocessing:
         return cls(dataset.mean_image(), eigenvalues, eigenvectors, scale=scale)
 
     @classmethod
-    def from_config(cls, data: ml_collections.ConfigDict, dataset: Dataset) -> Preprocessing:
-        """Resolves ``config.data``'s choices against ``dataset``'s statistics."""
+    def from_config(
+        cls, data: ml_collections.ConfigDict, dataset: Dataset, *, finish_on_device: bool = False
+    ) -> Preprocessing:
+        """Resolves ``config.data``'s choices against ``dataset``'s statistics.
+
+        ``finish_on_device`` is ``config.data.augment_on`` resolved for the backend
+        (``tuning.finish_augmentation_on_device``).
+        """
         mean = augment.mean_for_subtraction(dataset.mean_image(), data.mean_subtraction)
         eigenvalues = eigenvectors = None
         if data.pca_colour:
@@ -255,6 +272,7 @@ class Preprocessing:
             pca_std=data.pca_std,
             scale=data.input_scale,
             dtype=data.dtype,
+            finish_on_device=finish_on_device,
         )
 
 
@@ -268,8 +286,25 @@ class TrainTransform(grain.transforms.RandomMap):
         p = self.preprocessing
         pixels, label = decode_record(record)
         pca = {"eigenvalues": p.eigenvalues, "eigenvectors": p.eigenvectors, "pca_std": p.pca_std}
+        if p.finish_on_device:
+            return _patch_and_draws(pixels, label, rng, p, pca)
         image = augment.train_augment(pixels, rng, **pca, **p.crop_options())
         return {"images": image, "labels": np.int32(label)}
+
+
+def _patch_and_draws(pixels, label, rng, p: Preprocessing, pca: dict[str, Any]) -> dict[str, Any]:
+    """The uint8 patch and the random draws that ``device_augment`` finishes."""
+    h, w = pixels.shape[:2]
+    d = augment.train_draws(rng, h, w, crop_size=p.crop_size, **pca)
+    offset = np.zeros(3, np.float32) if d.colour_offset is None else d.colour_offset
+    return {
+        "images": np.ascontiguousarray(augment.crop(pixels, d.top, d.left, p.crop_size)),
+        "labels": np.int32(label),
+        "crop_top": np.int32(d.top),
+        "crop_left": np.int32(d.left),
+        "mirror": np.bool_(d.mirror),
+        "colour_offset": offset.astype(np.float32),
+    }
 
 
 @dataclasses.dataclass(frozen=True)
