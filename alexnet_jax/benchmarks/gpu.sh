@@ -11,7 +11,7 @@
 #
 # The GPU image (Python 3.12, jax, flax, optax, orbax-checkpoint) lacks grain, array_record,
 # ml_collections and portpicker (grain's); `download` puts their manylinux cp312 wheels in
-# wheels/ (about 4.5 MiB, git-ignored by its own .gitignore), and a run installs from there,
+# wheels/ (about 4.4 MiB, git-ignored by its own .gitignore), and a run installs from there,
 # offline, only what the interpreter cannot import. tensorflow-datasets is not needed: only
 # `alexnet_jax.data.prepare --source=tfds:...` imports it (and its dependency promise ships no
 # wheel). Options: --batch_sizes=256,512,1024 --steps=10 --budget_s=460 --peak_tflops=0
