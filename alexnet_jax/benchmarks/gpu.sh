@@ -11,7 +11,7 @@
 #
 # The GPU image (Python 3.12, jax, flax, optax, orbax-checkpoint) lacks grain, array_record,
 # ml_collections and portpicker (grain's); `download` puts their manylinux cp312 wheels in
-# wheels/ (about 4.5 MiB, git-ignored by its own .gitignore), and a run installs from there,
+# wheels/ (about 4.4 MiB, git-ignored by its own .gitignore), and a run installs from there,
 # offline, only what the interpreter cannot import. tensorflow-datasets is not needed: only
 # `alexnet_jax.data.prepare --source=tfds:...` imports it (and its dependency promise ships no
 # wheel). Options: --batch_sizes=256,512,1024 --steps=10 --budget_s=460 --peak_tflops=0
@@ -66,9 +66,11 @@ if [ "$smoke" = 1 ]; then
 fi
 [ -n "$stage_s" ] && limits=("$stage_s" "$stage_s" "$stage_s" "$stage_s" "$stage_s")
 log_dir="${log_dir:-$(mktemp -d)}"
+scratch="$(mktemp -d)"  # Installed wheels and the compilation cache; removed at exit.
+trap 'rm -rf "$scratch"' EXIT
 # One fresh compilation cache per run: the train-step stages compile cold (their compile times
 # are real) and the pipeline stage reuses the bf16 step they compiled.
-export JAX_COMPILATION_CACHE_DIR="$(mktemp -d)/jax_cache"
+export JAX_COMPILATION_CACHE_DIR="$scratch/jax_cache"
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0.5
 mkdir -p "$log_dir"
 start=$SECONDS
@@ -112,7 +114,7 @@ elif printf '%s\n' "${wheels[@]}" | grep -q '^absent:'; then
   echo "run 'bash alexnet_jax/benchmarks/gpu.sh download' where PyPI is reachable and bring $WHEELS/"
   summary+=("install: FAILED (wheels missing)")
 else
-  site="$(mktemp -d)/site-packages"
+  site="$scratch/site-packages"
   stage install "${limits[0]}" "$PYTHON" -m pip install -q --no-index --no-deps --no-compile \
     --no-cache-dir --target "$site" "${wheels[@]}"
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
@@ -133,5 +135,5 @@ stage input_pipeline "${limits[4]}" "$PYTHON" -m alexnet_jax.benchmarks.input_pi
 
 echo "== summary ($((SECONDS - start)) s of a ${budget_s} s budget; logs in $log_dir)"
 printf '  %s\n' "${summary[@]}"
-printf '%s\n' "${summary[@]}" | grep -qv ': ok' && exit 1
+if printf '%s\n' "${summary[@]}" | grep -v ': ok' >/dev/null; then exit 1; fi
 exit 0
