@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,3 +46,20 @@ def test_input_pipeline_benchmark_command_prints_its_fields():
     assert "train step, width 0.0625, float32, batch 4" in result.stdout
     assert "batch 4, 1 threads, 0 workers" in result.stdout
     assert "synthetic" in result.stdout and "keeps up" in result.stdout
+
+
+def test_host_augment_benchmark_prints_rates_ratios_and_cores():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        [sys.executable, "-m", "alexnet_jax.benchmarks.host_augment", "--rounds=1", "--repeat=1",
+         "--samples_dir=/nonexistent", "--synthetic_images=8", "--target_images_per_sec=1000"],
+        cwd=root, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    rates = [float(r) for r in re.findall(r"(\d+) images/s per core", result.stdout)]
+    ratios = [float(r) for r in re.findall(r"\(\d/1\): ([\d.]+)x", result.stdout)]
+    cores = float(re.search(r"cores for 1000 images/s with 3: ([\d.]+)", result.stdout)[1])
+    assert len(rates) == 3 and all(r > 0 for r in rates)
+    # Printed ratios and cores are the printed rates' (rounded to what is shown).
+    assert ratios == pytest.approx([rates[1] / rates[0], rates[2] / rates[0]], rel=0.02, abs=0.01)
+    assert cores == pytest.approx(1000 / rates[2], rel=0.02, abs=0.1)
