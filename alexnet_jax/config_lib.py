@@ -295,6 +295,12 @@ FIELDS: tuple[Field, ...] = (
         "Write a jax.profiler trace of steps from this one into workdir/profile.",
     ),
     Field("diagnostics.profile_num_steps", 5, integer(1), "Steps in the profiled window."),
+    Field(
+        "diagnostics.peak_tflops",
+        0.0,
+        number(0, note=" (0 = the datasheet peak of a known GPU, else no MFU)"),
+        "Per-device peak for the logged model-FLOP utilization (mfu).",
+    ),
     # Logging, evaluation, checkpoints (alexnet_jax/train.py, alexnet_jax/checkpoint.py).
     Field("log_every_steps", 50, integer(1), "A progress line (and metrics) this often."),
     Field("eval_every_epochs", 1.0, number(0, low_open=True), "Validation this often (and last)."),

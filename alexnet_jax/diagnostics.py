@@ -13,6 +13,8 @@ import os
 import jax
 from absl import logging
 
+from alexnet_jax import flops
+
 STUCK_CAUSES = (
     "likely causes: the paper's init (config.model.init_scheme='paper': N(0, 0.01) weights "
     "and bias 1 sit at chance for a long time from scratch; 'he' learns at once), a learning "
@@ -113,3 +115,14 @@ class ProfilerWindow:
             logging.info(
                 "Wrote the profile to %s (open it with TensorBoard or xprof)", self.directory
             )
+
+
+def peak_tflops(config_peak: float, compute_dtype: str) -> float | None:
+    """The whole job's peak TFLOP/s for MFU: the config's per-device figure, or the chip's."""
+    devices = jax.devices()
+    if config_peak > 0:
+        return config_peak * len(devices)
+    chip = flops.chip_peak_tflops(
+        devices[0].device_kind, compute_dtype, jax.config.jax_default_matmul_precision
+    )
+    return None if chip is None else chip[0] * len(devices)

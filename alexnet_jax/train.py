@@ -20,6 +20,7 @@ from alexnet_jax import (
     checkpoint,
     config_lib,
     diagnostics,
+    flops,
     inference,
     metrics,
     optim,
@@ -354,6 +355,8 @@ def _train_and_evaluate(
     )
     profiler = diagnostics.ProfilerWindow(workdir, d.profile_start_step, d.profile_num_steps)
     run_start, rates = time.time(), []
+    train_flops = flops.train_flops_per_image(config)  # For the logged TFLOP/s and MFU.
+    peak = diagnostics.peak_tflops(d.peak_tflops, config.model.compute_dtype)
     pending: list[dict[str, jax.Array]] = []
     data_seconds = 0.0  # Waiting for the next batch in this log window (input-bound if large).
     window_start_time, window_start_step = time.time(), start_step
@@ -397,6 +400,9 @@ def _train_and_evaluate(
             seconds_per_step = (now - done_time) / max(step - done_step, 1)
             means["images_per_sec"] = images_per_sec
             means["data_wait_fraction"] = data_fraction
+            means["train_tflops_per_sec"] = images_per_sec * train_flops / 1e12
+            if peak:
+                means["mfu"] = means["train_tflops_per_sec"] / peak
             rates.append(images_per_sec)
             writer.write(step, "train", means)
             logging.info(

@@ -1,12 +1,14 @@
 """The stuck-training guard and the profiler window."""
 
 import glob
+import json
 import math
 import os
 
+import jax
 import pytest
 
-from alexnet_jax import diagnostics, train
+from alexnet_jax import diagnostics, flops, train
 from tests.conftest import tiny_config
 
 
@@ -68,7 +70,19 @@ def test_the_papers_init_at_tiny_width_is_caught_and_the_profile_is_written(
     config.diagnostics.stop_when_stuck = True
     config.diagnostics.profile_start_step = 2
     config.diagnostics.profile_num_steps = 1
+    config.diagnostics.peak_tflops = 0.001  # Per device: MFU is logged against it.
     with pytest.raises(diagnostics.StuckError, match=r"init_scheme='paper'"):
         train.train_and_evaluate(config, str(tmp_path))
     traces = glob.glob(os.path.join(tmp_path, "profile", "**", "*.xplane.pb"), recursive=True)
     assert traces and os.path.getsize(traces[0]) > 0
+    with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
+        row = json.loads(f.readline())  # Written before the guard stopped the run.
+    expected = row["images_per_sec"] * flops.train_flops_per_image(config) / 1e12
+    assert row["train_tflops_per_sec"] == pytest.approx(expected, rel=1e-6)
+    assert row["mfu"] == pytest.approx(expected / (0.001 * jax.device_count()), rel=1e-6)
+    assert 0 <= row["data_wait_fraction"] <= 1
+
+
+def test_without_a_known_peak_there_is_no_mfu_on_cpu():
+    assert diagnostics.peak_tflops(0.0, "float32") is None
+    assert diagnostics.peak_tflops(2.0, "float32") == 2.0 * jax.device_count()

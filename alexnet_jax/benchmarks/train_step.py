@@ -35,7 +35,6 @@ import collections
 import dataclasses
 import functools
 import json
-import math
 import os
 import platform
 import resource
@@ -51,6 +50,7 @@ from ml_collections import config_flags
 
 import configs
 from alexnet_jax import allocator, config_lib, inference, tuning
+from alexnet_jax.flops import CHIP_PEAK_TFLOPS, chip_peak_tflops, forward_flops_per_image
 
 IMAGE_SIZE = 224
 DEFAULT_CONFIG = os.path.join(os.path.dirname(configs.__file__), "imagenet.py")
@@ -64,15 +64,6 @@ NOMINAL_TOTAL_STEPS = 100_000
 TORCH_SGD = {"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4}
 # CPU flags (/proc/cpuinfo) that say how fast bfloat16 can be on this host.
 CPU_BF16_FLAGS = ("avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
-# Dense (no sparsity) tensor-core peaks in TFLOP/s from NVIDIA's H100 SXM and H200 SXM
-# datasheets (the H200 has the H100's compute; the sheets print twice these, with sparsity).
-# "tensorfloat32" is how JAX computes float32 convolutions and matmuls on these chips by
-# default; "float32" (no tensor cores) applies with jax_default_matmul_precision=highest.
-CHIP_PEAK_TFLOPS = {
-    "H200": {"bfloat16": 989.5, "tensorfloat32": 494.5, "float32": 67.0},
-    "H100 80GB HBM3": {"bfloat16": 989.5, "tensorfloat32": 494.5, "float32": 67.0},
-}
-FULL_F32_PRECISIONS = ("highest", "float32", "f32_f32_f32")
 
 
 def _median_seconds(fn: Callable[[], Any], steps: int) -> float:
@@ -130,26 +121,6 @@ def matmul_peak_gflops(size: int, steps: int, dtype: str = "float32") -> float:
         matmul(a, b).block_until_ready()
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best / 1e9
-
-
-def chip_peak_tflops(
-    device_kind: str, compute_dtype: str, matmul_precision: str | None = None
-) -> tuple[float, str] | None:
-    """The datasheet peak of a known accelerator for this dtype, and what it counts.
-
-    None for other devices (the CPU, unknown chips): the benchmark then uses
-    the matmul peak it measures, or ``--peak_tflops``.
-    """
-    for name, peaks in CHIP_PEAK_TFLOPS.items():
-        if name in device_kind:
-            if compute_dtype == "bfloat16":
-                mode = "bfloat16"
-            elif str(matmul_precision or "").lower() in FULL_F32_PRECISIONS:
-                mode = "float32"
-            else:
-                mode = "tensorfloat32"
-            return peaks[mode], f"{name} datasheet, dense {mode}"
-    return None
 
 
 def selected_frameworks(
@@ -313,38 +284,6 @@ def _xla_flops(compiled) -> float:
     if isinstance(analysis, list | tuple):
         analysis = analysis[0] if analysis else {}
     return float((analysis or {}).get("flops", 0.0))
-
-
-def forward_flops_per_image(config) -> float:
-    """Forward FLOPs of one 224x224 image: 2 x multiply-adds of every conv and dense layer.
-
-    Counted from the model's own layers (their kernels and output shapes, found
-    by intercepting its submodule calls), so it follows ``model.py``.
-    """
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-
-    model = inference.build_model(config)
-    images = jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.float32)
-    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images, train=False))
-    macs = 0
-
-    def count(next_fun, args, kwargs, context):
-        nonlocal macs
-        out = next_fun(*args, **kwargs)
-        params = variables["params"].get(context.module.name) if context.module.name else None
-        if context.method_name == "__call__" and params is not None and "kernel" in params:
-            kernel = params["kernel"].shape
-            # Per-tower kernels lead with the tower axis: T x [k x k x] Cin x Cout.
-            fan_in = kernel[1:-1] if len(kernel) in (3, 5) else kernel[:-1]
-            outputs = sum(leaf.size for leaf in jax.tree.leaves(out))  # batch of 1
-            macs += outputs * math.prod(fan_in)
-        return out
-
-    with nn.intercept_methods(count):
-        jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, images)
-    return 2.0 * macs
 
 
 def time_eval(config, batch_size: int, steps: int, kernels: str = "auto") -> dict[str, float]:
