@@ -32,9 +32,10 @@ from __future__ import annotations
 import functools
 import os
 import statistics
+import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import ml_collections
@@ -43,7 +44,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from PIL import Image
 
-from alexnet_jax import allocator, config_lib, sharding, tuning
+from alexnet_jax import allocator, cli, config_lib, sharding, tuning
 from alexnet_jax.benchmarks import train_step
 from alexnet_jax.data import augment, pipeline, prepare, writer
 
@@ -278,9 +279,15 @@ def define_flags() -> None:
     flags.DEFINE_integer("train_steps", 3, "Timed train steps, bare and fed, after warm-up.")
 
 
-def main(argv) -> None:
+def main(argv: Sequence[str]) -> int:
+    """A bad flag or config value, or a missing path, is one ``error:`` line and exit 2."""
+    return cli.run_reporting_errors(lambda: _run(argv))
+
+
+def _run(argv: Sequence[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    config_lib.validate(FLAGS.config)
     tuning.configure_process()  # As launch.py does, before JAX starts its backends.
     allocator.use(tuning.host_allocator())  # May restart this command once.
     run(
@@ -291,8 +298,9 @@ def main(argv) -> None:
         batches_per_round=FLAGS.batches_per_round,
         train_steps=FLAGS.train_steps,
     )
+    return cli.EXIT_OK
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(lambda argv: sys.exit(main(argv)))

@@ -49,7 +49,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import configs
-from alexnet_jax import allocator, config_lib, inference, tuning
+from alexnet_jax import allocator, cli, config_lib, inference, tuning
 from alexnet_jax.flops import CHIP_PEAK_TFLOPS, chip_peak_tflops, forward_flops_per_image
 
 IMAGE_SIZE = 224
@@ -782,7 +782,12 @@ def define_flags() -> None:
     flags.DEFINE_string("json", "", "Also write the numbers to this JSON file.")
 
 
-def main(argv: Sequence[str]) -> None:
+def main(argv: Sequence[str]) -> int:
+    """A bad flag or config value, or a missing path, is one ``error:`` line and exit 2."""
+    return cli.run_reporting_errors(lambda: _run(argv))
+
+
+def _run(argv: Sequence[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     try:
@@ -793,6 +798,7 @@ def main(argv: Sequence[str]) -> None:
         )
     except ValueError as e:
         raise app.UsageError(str(e)) from None
+    config_lib.validate(FLAGS.config)
     tuning.configure_process()  # As launch.py does, before JAX starts its backends.
     allocator.use(tuning.host_allocator())  # May restart this command once.
     out = run(
@@ -810,8 +816,9 @@ def main(argv: Sequence[str]) -> None:
         with open(FLAGS.json, "w") as f:
             json.dump(out, f, indent=1, default=str)
     sys.stdout.flush()
+    return cli.EXIT_OK
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(lambda argv: sys.exit(main(argv)))
