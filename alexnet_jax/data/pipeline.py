@@ -219,7 +219,7 @@ class Preprocessing:
     eigenvalues: np.ndarray | None  # RGB PCA on the [0, 1] scale; None turns PCA noise off.
     eigenvectors: np.ndarray | None
     pca_std: float = augment.PCA_STD
-    scale: float = 1.0  # Multiplies mean-subtracted pixels.
+    scale: float | np.ndarray = 1.0  # Multiplies mean-subtracted pixels (or one per RGB).
     dtype: str = "float32"
     crop_size: int = CROP_SIZE
 
@@ -240,8 +240,20 @@ class Preprocessing:
 
     @classmethod
     def from_config(cls, data: ml_collections.ConfigDict, dataset: Dataset) -> Preprocessing:
-        """Resolves ``config.data``'s choices against ``dataset``'s statistics."""
-        mean = augment.mean_for_subtraction(dataset.mean_image(), data.mean_subtraction)
+        """Resolves ``config.data``'s choices against ``dataset``'s statistics.
+
+        Fixed ``rgb_mean`` and ``rgb_std`` (imported weights: torchvision's
+        normalization) never read the dataset's mean, so the input stays the
+        one the weights were trained on whatever dataset is evaluated.
+        """
+        if tuple(data.rgb_mean):
+            shape = (writer.PREPARED_SIZE, writer.PREPARED_SIZE, 3)
+            mean = np.broadcast_to(np.asarray(data.rgb_mean, np.float32), shape)
+        else:
+            mean = augment.mean_for_subtraction(dataset.mean_image(), data.mean_subtraction)
+        scale = data.input_scale
+        if any(s != 1.0 for s in data.rgb_std):
+            scale = (data.input_scale / np.asarray(data.rgb_std, np.float64)).astype(np.float32)
         eigenvalues = eigenvectors = None
         if data.pca_colour:
             if data.pca_stats == "prepared":
@@ -253,8 +265,9 @@ class Preprocessing:
             eigenvalues=eigenvalues,
             eigenvectors=eigenvectors,
             pca_std=data.pca_std,
-            scale=data.input_scale,
+            scale=scale,
             dtype=data.dtype,
+            crop_size=data.crop_size,
         )
 
 
