@@ -235,6 +235,32 @@ class Checkpointer:
             logging.info("Saving checkpoint at step %d to %s", step, self.directory)
         return saved
 
+    def save_params(self, step: int, params: Any, *, config: ml_collections.ConfigDict) -> None:
+        """Params alone (no optimizer or iterator state) with their config; waits until written.
+
+        For weights made elsewhere (``import_weights``): every tool reads them
+        with ``restore_params``, checked against the same per-leaf fingerprint.
+        """
+        state = {"params": params}
+        # Keyed as a TrainState's paths (".params['conv1']..."), which restore_params checks.
+        fingerprint = {
+            ".params" + k[len("['params']") :]: v for k, v in state_fingerprint(state).items()
+        }
+        try:
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    config=ocp.args.JsonSave(config_to_json(config)),
+                    fingerprint=ocp.args.JsonSave(fingerprint),
+                ),
+                force=True,
+            )
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise several types.
+            reason = " ".join(str(e).split())[:300]
+            raise CheckpointSaveError(f"Saving to {self.directory} failed: {reason}") from None
+
     def saved_config(self, step: int) -> dict[str, Any]:
         """The config JSON saved with ``step``."""
         restored = self.manager.restore(

@@ -87,6 +87,24 @@ def _epochs_ok(v: Any) -> bool:
     return all(e > 0 for e in v) and list(v) == sorted(v)
 
 
+def _numbers(v: Any, count: int, test: Callable[[float], bool]) -> bool:
+    return (
+        isinstance(v, tuple | list)
+        and len(v) == count
+        and all(isinstance(x, int | float) and not isinstance(x, bool) and test(x) for x in v)
+    )
+
+
+def _rgb_mean_ok(v: Any) -> bool:
+    return tuple(v) == () or _numbers(v, 3, lambda x: 0 <= x <= 255)
+
+
+# The variants of model.VARIANTS (a test keeps them equal); only the paper's splits its
+# towers over devices.
+VARIANTS = ("paper", "torchvision", "bvlc_alexnet", "caffenet")
+MIN_CROP_SIZE = 67  # The smallest input whose pool5 keeps one position (conv1 unpadded).
+
+
 NUM_TOWERS = 2  # The paper's two GPUs; model.NUM_TOWERS (a test keeps them equal).
 
 FIELDS: tuple[Field, ...] = (
@@ -124,6 +142,30 @@ FIELDS: tuple[Field, ...] = (
         "image",
         one_of("image", "channel"),
         "image (the paper's mean image) or channel (per-RGB mean).",
+        defines_model=True,
+    ),
+    Field(
+        "data.rgb_mean",
+        (),
+        Accepts(_rgb_mean_ok, "() or three numbers in [0, 255], e.g. (123.675, 116.28, 103.53)"),
+        "channel: these RGB means (0-255) instead of the dataset's; () = the dataset's.",
+        defines_model=True,
+    ),
+    Field(
+        "data.rgb_std",
+        (1.0, 1.0, 1.0),
+        Accepts(lambda v: _numbers(v, 3, lambda x: x > 0), "three numbers > 0"),
+        "Divides mean-subtracted pixels per RGB channel (torchvision: 255 x its std).",
+        defines_model=True,
+    ),
+    Field(
+        "data.crop_size",
+        224,
+        Accepts(
+            lambda v: isinstance(v, int) and not isinstance(v, bool) and MIN_CROP_SIZE <= v <= 256,
+            f"an integer in [{MIN_CROP_SIZE}, 256] (the paper 224, Caffe 227)",
+        ),
+        "Side of the square patch the network sees, cut from the 256x256 image.",
         defines_model=True,
     ),
     Field("data.pca_colour", True, BOOLEAN, "PCA colour augmentation on training images (4.1)."),
@@ -179,7 +221,21 @@ FIELDS: tuple[Field, ...] = (
         "model.use_lrn",
         True,
         BOOLEAN,
-        "Local response normalization after conv1 and conv2.",
+        "Local response normalization after conv1 and conv2 (where the variant has it).",
+        defines_model=True,
+    ),
+    Field(
+        "model.variant",
+        "paper",
+        one_of(*VARIANTS),
+        "Which published AlexNet: the paper's two towers, torchvision's, Caffe's two.",
+        defines_model=True,
+    ),
+    Field(
+        "model.lrn_convention",
+        "auto",
+        one_of("auto", "paper", "caffe"),
+        "LRN constants: paper (k=2, alpha), caffe (k=1, alpha/n); auto = the variant's.",
         defines_model=True,
     ),
     Field(
@@ -397,6 +453,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
         checked = tuple(value) if isinstance(value, list) else value
         if not f.accepts.test(checked):
             _fail(f.name, checked, f.accepts.description)
+    if config.model.variant != "paper" and config.mesh_shape[1] != 1:
+        _fail(
+            "mesh_shape",
+            tuple(config.mesh_shape),
+            f"a tower axis of 1 for model.variant = {config.model.variant!r} (only the "
+            "paper's variant splits its towers over devices), e.g. (-1, 1)",
+        )
+    if tuple(config.data.rgb_mean) and config.data.mean_subtraction != "channel":
+        _fail(
+            "data.rgb_mean",
+            tuple(config.data.rgb_mean),
+            '() unless data.mean_subtraction = "channel" (fixed means replace the dataset\'s '
+            "per-channel mean)",
+        )
     d = config.distributed
     if d.process_id != -1 and d.process_id >= max(d.num_processes, 1):
         _fail(

@@ -33,7 +33,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from alexnet_jax import checkpoint, cli, inference, metrics, progress, sharding, tuning
-from alexnet_jax.data import augment, pipeline
+from alexnet_jax.data import augment, pipeline, writer
 
 CENTRE_VIEW = augment.TEN_CROP_POSITIONS.index("centre")  # The centre patch among the ten.
 # The paper's Table 2 (ILSVRC-2012 validation set): shown beside 1000-class results.
@@ -98,27 +98,27 @@ def load_members(
 
 
 def _mean_views(member: Member, *, ten_crop: bool) -> np.ndarray:
-    """The member's mean image cut into the same views as the images (V x 224 x 224 x 3).
+    """The member's mean image cut into the same views as the images (V x crop x crop x 3).
 
     Cropping commutes with subtracting, so (views - mean views) * scale equals
     the pipeline's crops of (image - mean) * scale, bit for bit.
     """
-    mean = member.trained.preprocessing.mean
+    p = member.trained.preprocessing
     if ten_crop:
-        return augment.ten_crops(mean)
-    top, left = augment.center_crop_window(*mean.shape[:2])
-    return augment.crop(mean, top, left, augment.CROP_SIZE)[None]
+        return augment.ten_crops(p.mean, p.crop_size)
+    top, left = augment.center_crop_window(*p.mean.shape[:2], p.crop_size)
+    return augment.crop(p.mean, top, left, p.crop_size)[None]
 
 
 def make_batch_fn(members: Sequence[Member], *, ten_crop: bool):
     """Jitted (params, mean views, batch) -> summed top-1/top-5 errors of every row of the table.
 
-    ``batch["images"]`` is B x V x 224 x 224 x 3 raw pixels (V = 10 or 1).
+    ``batch["images"]`` is B x V x crop x crop x 3 raw pixels (V = 10 or 1).
     Result keys: "<member index>/<crops>/<k>" and "ensemble/<crops>/<k>",
     with crops "centre" or "ten", plus "count".
     """
     models = [m.trained.model for m in members]
-    scales = [float(m.trained.preprocessing.scale) for m in members]
+    scales = [np.asarray(m.trained.preprocessing.scale, np.float32) for m in members]
 
     # One program for all members: the first member's config picks the XLA options.
     @jax.jit
@@ -175,11 +175,24 @@ def evaluate_members(
     means_list = [jax.device_put(_mean_views(m, ten_crop=ten_crop), replicated) for m in members]
     batch_fn = make_batch_fn(members, ten_crop=ten_crop)
 
+    crop_sizes = {m.trained.preprocessing.crop_size for m in members}
+    if len(crop_sizes) > 1:
+        raise ValueError(
+            f"the models see crops of different sizes ({sorted(crop_sizes)}, "
+            "config.data.crop_size): evaluate them one at a time"
+        )
     raw_pixels = pipeline.Preprocessing(  # Decode and crop only; each model subtracts its mean.
-        mean=np.zeros((*dataset.mean_image().shape[:2], 3), np.float32),
+        mean=np.zeros((writer.PREPARED_SIZE, writer.PREPARED_SIZE, 3), np.float32),
         eigenvalues=None,
         eigenvectors=None,
+        crop_size=crop_sizes.pop(),
     )
+    splits = sorted(dataset.metadata["splits"])
+    if split not in splits:
+        raise pipeline.DatasetMissingError(
+            f"{dataset.data_dir} has no {split!r} split (it has {splits}): pass "
+            "--data_dir=a prepared dataset that has one"
+        )
     total = dataset.num_examples(split)
     if max_examples > 0:
         total = min(total, max_examples)

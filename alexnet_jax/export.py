@@ -68,13 +68,13 @@ def probabilities_fn(trained: inference.TrainedModel) -> Callable[[jax.Array], j
     """
     p = trained.preprocessing
     mean_patch = np.ascontiguousarray(centre_patch(p.mean, p.crop_size), np.float32)
-    scale = np.float32(p.scale)
+    scale = np.asarray(p.scale, np.float32)  # One number, or one per RGB channel.
     model = trained.model.clone(mesh=None, kernels=tuning.plain_kernels(0))
     params = trained.params
 
     def probabilities(pixels_BxHxWxC: jax.Array) -> jax.Array:
         images = pixels_BxHxWxC.astype(jnp.float32) - mean_patch
-        if scale != 1.0:
+        if np.any(scale != 1.0):
             images = images * scale
         logits = model.apply({"params": params}, images, train=False)
         return augment.average_crop_softmax(logits[:, None])  # One view, as predict's.
@@ -93,8 +93,9 @@ def export_model(
 ) -> jax.export.Exported:
     """``probabilities_fn`` lowered for ``platforms``, any batch size; raises ``ExportError``."""
     fn = jax.jit(probabilities_fn(trained))
+    spec = input_spec(trained.preprocessing.crop_size)
     try:
-        return jax.export.export(fn, platforms=tuple(platforms))(input_spec())
+        return jax.export.export(fn, platforms=tuple(platforms))(spec)
     except (NotImplementedError, ValueError) as e:  # A primitive without a lowering there.
         raise ExportError(f"Cannot lower the model for {', '.join(platforms)}: {e}") from e
 
@@ -137,9 +138,15 @@ def describe(trained: inference.TrainedModel, exported: jax.export.Exported) -> 
         },
         "inside": {
             "mean_subtraction": config.data.mean_subtraction,
-            "mean": f"central {crop}x{crop} patch of the training set's mean image",
-            "input_scale": float(p.scale),
-            "model": {k: config.model[k] for k in ("width", "num_classes", "compute_dtype")},
+            "mean": (
+                f"RGB {list(config.data.rgb_mean)} at every pixel"
+                if tuple(config.data.rgb_mean)
+                else f"central {crop}x{crop} patch of the training set's mean image"
+            ),
+            "input_scale": np.asarray(p.scale, np.float32).tolist(),  # A number or one per RGB.
+            "model": {
+                k: config.model[k] for k in ("variant", "width", "num_classes", "compute_dtype")
+            },
         },
         "output": {
             "shape": ["b", len(trained.classes)],

@@ -39,11 +39,16 @@ def build_model(
     return AlexNet(**fields, mesh=mesh, kernels=tuning.kernels(conv_chunk_size=chunk_size))
 
 
-def abstract_params(model: AlexNet, sharding: jax.sharding.Sharding | None = None) -> Any:
-    """The model's parameter shapes and dtypes (no computation), placed by ``sharding``."""
+def abstract_params(
+    model: AlexNet, sharding: jax.sharding.Sharding | None = None, *, crop_size: int = CROP_SIZE
+) -> Any:
+    """The model's parameter shapes and dtypes (no computation), placed by ``sharding``.
+
+    ``crop_size`` is ``config.data.crop_size``: fc6's input follows it.
+    """
     shapes = jax.eval_shape(
         lambda: model.clone(mesh=None).init(
-            jax.random.PRNGKey(0), jnp.zeros((1, CROP_SIZE, CROP_SIZE, 3)), train=False
+            jax.random.PRNGKey(0), jnp.zeros((1, crop_size, crop_size, 3)), train=False
         )["params"]
     )
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), shapes)
@@ -78,7 +83,7 @@ class TrainedModel:
         return pipeline.Preprocessing.from_config(self.config.data, self.dataset)
 
     def views(self, image_256x256x3: np.ndarray, *, ten_crop: bool) -> np.ndarray:
-        """A prepared uint8 image -> V x 224 x 224 x 3 float32 inputs (V = 1 or 10)."""
+        """A prepared uint8 image -> V x crop x crop x 3 float32 inputs (V = 1 or 10)."""
         p = self.preprocessing
         return augment.eval_views(
             image_256x256x3, ten_crop=ten_crop, mean=p.mean, crop_size=p.crop_size, scale=p.scale
@@ -146,7 +151,8 @@ def load_trained(
         def attempt(candidate: int) -> tuple[ml_collections.ConfigDict, AlexNet, Any]:
             run = run_config(ckpt, candidate, config)
             model = build_model(run)
-            return run, model, ckpt.restore_params(candidate, abstract_params(model, device))
+            shapes = abstract_params(model, device, crop_size=run.data.crop_size)
+            return run, model, ckpt.restore_params(candidate, shapes)
 
         step, (run, model, params), _ = checkpoint.first_usable(
             candidates,

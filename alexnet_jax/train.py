@@ -32,7 +32,6 @@ from alexnet_jax import (
 from alexnet_jax.data import demo, device_augment, pipeline
 from alexnet_jax.model import AlexNet
 
-IMAGE_SHAPE = (pipeline.CROP_SIZE, pipeline.CROP_SIZE, 3)
 PREPARE_COMMAND = (
     "python -m alexnet_jax.data.prepare --source=<ILSVRC tars | folder | tfds> "
     "--output_dir={data_dir}"
@@ -50,10 +49,18 @@ class TrainState:
     schedule: optim.ScheduleState  # The plateau rule's memory (learning-rate scale, best error).
 
 
-def init_state(model: AlexNet, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
-    """A fresh state; pure, so it can run under jit with sharded outputs."""
+def init_state(
+    model: AlexNet,
+    optimizer: optax.GradientTransformation,
+    seed: int,
+    crop_size: int = pipeline.CROP_SIZE,
+) -> TrainState:
+    """A fresh state; pure, so it can run under jit with sharded outputs.
+
+    ``crop_size`` is ``config.data.crop_size`` (fc6's input follows it).
+    """
     init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed))
-    images = jnp.zeros((1, *IMAGE_SHAPE), jnp.float32)
+    images = jnp.zeros((1, crop_size, crop_size, 3), jnp.float32)
     # Parameters do not depend on placement; jit's out_shardings place them.
     params = model.clone(mesh=None).init({"params": init_rng}, images, train=False)["params"]
     return TrainState(
@@ -278,7 +285,7 @@ def _train_and_evaluate(
     )
     optimizer = optim.make_optimizer(config.optim)
 
-    init_fn = functools.partial(init_state, model, optimizer, config.seed)
+    init_fn = functools.partial(init_state, model, optimizer, config.seed, config.data.crop_size)
     abstract_state = jax.eval_shape(init_fn)
     state_shardings = sharding.state_shardings(mesh, abstract_state)
     batch_shardings = sharding.batch_sharding(mesh)

@@ -194,9 +194,16 @@ def _lrn_fused_backward(params, x, g):
 _lrn_fused.defvjp(_lrn_fused_forward, _lrn_fused_backward)
 
 
-def lrn_fused_gradient(x: jax.Array) -> jax.Array:
-    """``model.local_response_norm`` (the paper's constants) with a hand-written gradient."""
-    params = (model.LRN_DEPTH_RADIUS, model.LRN_BIAS, model.LRN_ALPHA, model.LRN_BETA)
+def lrn_fused_gradient(
+    x: jax.Array,
+    *,
+    depth_radius: int = model.LRN_DEPTH_RADIUS,
+    bias: float = model.LRN_BIAS,
+    alpha: float = model.LRN_ALPHA,
+    beta: float = model.LRN_BETA,
+) -> jax.Array:
+    """``model.local_response_norm`` (the same constants) with a hand-written gradient."""
+    params = (depth_radius, bias, alpha, beta)
     return _lrn_fused(x.astype(jnp.float32), params).astype(x.dtype)
 
 

@@ -28,7 +28,7 @@ def test_every_experiment_config_holds_exactly_the_schemas_fields(name):
 
 def test_defaults_are_the_declared_ones_and_pass_their_own_checks():
     flat = config_lib.flatten(config_lib.defaults().to_dict())
-    assert len(flat) == len(config_lib.FIELDS) == 59
+    assert len(flat) == len(config_lib.FIELDS) == 64
     for f in config_lib.FIELDS:
         value = tuple(flat[f.name]) if isinstance(flat[f.name], list) else flat[f.name]
         assert value == f.default and f.accepts.test(value), f.name
@@ -42,7 +42,7 @@ def _bad_value(field):
     if isinstance(field.default, str):
         return 3 if field.accepts.test("x-not-a-choice") else "x-not-a-choice"
     if isinstance(field.default, tuple):
-        return (5, 0, 5)
+        return (5, 0, -5)
     return -100
 
 
@@ -86,6 +86,29 @@ def test_the_schemas_choices_are_the_ones_its_consumers_implement():
     assert choices["data.pca_stats"] == f"one of {pipeline.PCA_STATS_SOURCES}"
     assert choices["data.dtype"] == f"one of {pipeline.DTYPES}"
     assert config_lib.NUM_TOWERS == model.NUM_TOWERS
+    assert choices["model.variant"] == f"one of {tuple(model.VARIANTS)}"
+    assert choices["model.lrn_convention"] == f"one of {('auto', *model.LRN_CONVENTIONS)}"
+
+
+def test_only_the_papers_variant_splits_towers_over_devices():
+    config = config_lib.defaults()
+    config.mesh_shape = (1, 2)
+    config_lib.validate(config)
+    for variant in ("torchvision", "bvlc_alexnet", "caffenet"):
+        config.model.variant = variant
+        with pytest.raises(
+            config_lib.ConfigError, match=r"config.mesh_shape = \(1, 2\) .*tower axis of 1"
+        ):
+            config_lib.validate(config)
+
+
+def test_fixed_rgb_means_need_channel_mean_subtraction():
+    config = config_lib.defaults()
+    config.data.rgb_mean = (123.675, 116.28, 103.53)
+    with pytest.raises(config_lib.ConfigError, match=r"config.data.rgb_mean = .*mean_subtraction"):
+        config_lib.validate(config)
+    config.data.mean_subtraction = "channel"
+    config_lib.validate(config)
 
 
 def test_model_fields_are_the_networks_attributes():
@@ -102,11 +125,16 @@ def test_model_defining_fields_are_the_network_and_its_input():
     assert config_lib.MODEL_DEFINING_FIELDS == (
         "data.input_scale",
         "data.mean_subtraction",
+        "data.rgb_mean",
+        "data.rgb_std",
+        "data.crop_size",
         "model.num_classes",
         "model.width",
         "model.init_scheme",
         "model.dropout_rate",
         "model.use_lrn",
+        "model.variant",
+        "model.lrn_convention",
     )
 
 

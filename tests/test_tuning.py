@@ -32,12 +32,15 @@ def _relu_maps(shape, seed, scale=40.0):
     return jnp.asarray(np.maximum(rng.normal(0, scale, shape), 0), jnp.float32)
 
 
+@pytest.mark.parametrize("convention", model.LRN_CONVENTIONS)
 @pytest.mark.parametrize("shape", [(3, 13, 13, 8), (2, 2, 11, 9, 7)])
-def test_lrn_schedule_equals_autodiff_of_the_formula(shape):
-    x = _relu_maps(shape, 0)  # Large ReLU'd maps: the cross-channel term matters.
+def test_lrn_schedule_equals_autodiff_of_the_formula(shape, convention):
+    x = _relu_maps(shape, 0, scale=40.0 if convention == "paper" else 100.0)
+    # Large ReLU'd maps: the cross-channel term matters.
     g = jnp.asarray(np.random.default_rng(1).normal(size=shape), jnp.float32)
-    y_ref, vjp_ref = jax.vjp(model.local_response_norm, x)
-    y, vjp = jax.vjp(tuning.lrn_fused_gradient, x)
+    constants = model.lrn_constants(convention)
+    y_ref, vjp_ref = jax.vjp(functools.partial(model.local_response_norm, **constants), x)
+    y, vjp = jax.vjp(functools.partial(tuning.lrn_fused_gradient, **constants), x)
     np.testing.assert_allclose(y, y_ref, rtol=16 * F32_EPS, atol=16 * F32_EPS)
     grad, grad_ref = vjp(g)[0], vjp_ref(g)[0]
     scale = float(jnp.abs(grad_ref).max())
@@ -114,6 +117,33 @@ def test_every_schedule_gives_the_plain_networks_logits_and_gradients(kernels):
     assert float(loss_t) == pytest.approx(float(loss_p), rel=1e-5)
     for path, g_p in jax.tree_util.tree_leaves_with_path(grads_p):
         g_t = functools.reduce(lambda t, k: t[k.key], path, grads_t)
+        scale = float(jnp.abs(g_p).max())
+        assert scale > 0, jax.tree_util.keystr(path)
+        np.testing.assert_allclose(g_t, g_p, atol=1e-4 * scale, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("variant", ["torchvision", "bvlc_alexnet"])
+def test_the_cpu_schedules_give_each_variants_plain_logits_and_gradients(variant):
+    plain = AlexNet(num_classes=10, width=1 / 16, init_scheme="he", variant=variant)
+    tuned = plain.clone(kernels=tuning.cpu_kernels("eigen", conv_chunk_size=1))
+    # Small crops keep it quick; torchvision's 2x2 pool5 is averaged up to 6x6.
+    images = 60 * jax.random.normal(jax.random.PRNGKey(1), (2, 100, 100, 3))
+
+    def loss(params, net):
+        logits = net.apply({"params": params}, images, train=False)
+        return jnp.sum(jax.nn.log_softmax(logits)[:, 0]), logits
+
+    params = plain.init({"params": jax.random.PRNGKey(0)}, images, train=False)["params"]
+    (_, logits_p), grads_p = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(
+        params, plain
+    )
+    (_, logits_t), grads_t = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(
+        params, tuned
+    )
+    np.testing.assert_allclose(logits_t, logits_p, rtol=1e-5, atol=1e-5)
+    for (path, g_p), g_t in zip(
+        jax.tree_util.tree_leaves_with_path(grads_p), jax.tree.leaves(grads_t), strict=True
+    ):
         scale = float(jnp.abs(g_p).max())
         assert scale > 0, jax.tree_util.keystr(path)
         np.testing.assert_allclose(g_t, g_p, atol=1e-4 * scale, err_msg=jax.tree_util.keystr(path))

@@ -163,7 +163,7 @@ def train_augment(
     eigenvectors: np.ndarray | None,
     pca_std: float = PCA_STD,
     crop_size: int = CROP_SIZE,
-    scale: float = 1.0,
+    scale: float | np.ndarray = 1.0,
     dtype: Any = np.float32,
 ) -> np.ndarray:
     """Random patch, mirror, minus the mean, plus PCA colour noise, times ``scale``.
@@ -185,17 +185,16 @@ def train_augment(
         # Added row-wise: broadcasting a length-3 vector over H x W x 3 is ~8x slower.
         rows = image.reshape(crop_size, -1)  # A view: adds in place.
         rows += np.tile(d.colour_offset, crop_size)
-    if scale != 1.0:
-        image *= np.float32(scale)
+    image = _scaled(image, scale, np.float32)
     if d.mirror:
         image = flip_left_right(image)
     return image.astype(dtype, copy=False)
 
 
-def _scaled(image: np.ndarray, scale: float, dtype: Any) -> np.ndarray:
-    """``image * scale`` in place (float32), as ``dtype``."""
-    if scale != 1.0:
-        image *= np.float32(scale)
+def _scaled(image: np.ndarray, scale: float | np.ndarray, dtype: Any) -> np.ndarray:
+    """``image * scale`` in place (float32), as ``dtype``; ``scale``: a number or one per RGB."""
+    if np.any(np.not_equal(scale, 1.0)):
+        image *= np.asarray(scale, np.float32)
     return image.astype(dtype, copy=False)
 
 
@@ -205,7 +204,7 @@ def eval_views(
     ten_crop: bool,
     mean: np.ndarray,
     crop_size: int = CROP_SIZE,
-    scale: float = 1.0,
+    scale: float | np.ndarray = 1.0,
     dtype: Any = np.float32,
 ) -> np.ndarray:
     """(image - mean) * scale at the test patches: V x crop x crop x 3.

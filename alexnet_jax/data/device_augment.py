@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # The fields a host-cropped batch carries besides "images" (uint8) and "labels".
 DRAW_FIELDS = ("crop_top", "crop_left", "mirror", "colour_offset")
 
 
 def finish_training_batch(
-    batch: dict[str, jax.Array], mean_HxWx3: jax.Array, *, scale: float, dtype: jnp.dtype
+    batch: dict[str, jax.Array],
+    mean_HxWx3: jax.Array,
+    *,
+    scale: float | np.ndarray,
+    dtype: jnp.dtype,
 ) -> dict[str, jax.Array]:
     """uint8 patches + draws -> (patch - mean patch + colour offset) * scale, mirrored."""
     patches = batch["images"]
@@ -30,8 +35,8 @@ def finish_training_batch(
     means = jax.vmap(mean_patch)(batch["crop_top"], batch["crop_left"])
     images = patches.astype(jnp.float32) - means
     images = images + batch["colour_offset"][:, None, None, :]
-    if scale != 1.0:
-        images = images * jnp.float32(scale)
+    if np.any(np.not_equal(scale, 1.0)):  # A number, or one per RGB channel.
+        images = images * jnp.asarray(scale, jnp.float32)
     mirror = batch["mirror"][:, None, None, None]
     images = jnp.where(mirror, images[:, :, ::-1, :], images)
     return {"images": images.astype(dtype), "labels": batch["labels"]}

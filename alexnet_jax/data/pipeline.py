@@ -228,7 +228,7 @@ class Preprocessing:
     eigenvalues: np.ndarray | None  # RGB PCA on the [0, 1] scale; None turns PCA noise off.
     eigenvectors: np.ndarray | None
     pca_std: float = augment.PCA_STD
-    scale: float = 1.0  # Multiplies mean-subtracted pixels.
+    scale: float | np.ndarray = 1.0  # Multiplies mean-subtracted pixels (or one per RGB).
     dtype: str = "float32"
     crop_size: int = CROP_SIZE
     # Training only: ship uint8 patches and the draws; device_augment finishes them.
@@ -255,10 +255,20 @@ class Preprocessing:
     ) -> Preprocessing:
         """Resolves ``config.data``'s choices against ``dataset``'s statistics.
 
+        Fixed ``rgb_mean`` and ``rgb_std`` (imported weights: torchvision's
+        normalization) never read the dataset's mean, so the input stays the
+        one the weights were trained on whatever dataset is evaluated.
         ``finish_on_device`` is ``config.data.augment_on`` resolved for the backend
         (``tuning.finish_augmentation_on_device``).
         """
-        mean = augment.mean_for_subtraction(dataset.mean_image(), data.mean_subtraction)
+        if tuple(data.rgb_mean):
+            shape = (writer.PREPARED_SIZE, writer.PREPARED_SIZE, 3)
+            mean = np.broadcast_to(np.asarray(data.rgb_mean, np.float32), shape)
+        else:
+            mean = augment.mean_for_subtraction(dataset.mean_image(), data.mean_subtraction)
+        scale = data.input_scale
+        if any(s != 1.0 for s in data.rgb_std):
+            scale = (data.input_scale / np.asarray(data.rgb_std, np.float64)).astype(np.float32)
         eigenvalues = eigenvectors = None
         if data.pca_colour:
             if data.pca_stats == "prepared":
@@ -270,8 +280,9 @@ class Preprocessing:
             eigenvalues=eigenvalues,
             eigenvectors=eigenvectors,
             pca_std=data.pca_std,
-            scale=data.input_scale,
+            scale=scale,
             dtype=data.dtype,
+            crop_size=data.crop_size,
             finish_on_device=finish_on_device,
         )
 
