@@ -6,7 +6,7 @@ import logging as std_logging
 import sys
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from absl import flags, logging
@@ -103,6 +103,16 @@ def run_reporting_errors(body: Callable[[], int]) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return code
+
+
+def run_flags_only_command(argv: Sequence[str], body: Callable[[], int]) -> int:
+    """A command that takes flags and no arguments: quiet logs, then ``body`` reporting errors."""
+    from absl import app
+
+    quiet_library_logs()
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    return run_reporting_errors(body)
 
 
 def define_checkpoint_flags() -> None:

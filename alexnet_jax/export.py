@@ -210,13 +210,10 @@ def define_flags() -> None:
 
 
 def main(argv: Sequence[str]) -> int:
-    return cli.run_reporting_errors(lambda: _run(argv))
+    return cli.run_flags_only_command(argv, _run)
 
 
-def _run(argv: Sequence[str]) -> int:
-    cli.quiet_library_logs()
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+def _run() -> int:
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required")
     unknown = sorted(set(FLAGS.platforms or ()) - set(PLATFORMS))

@@ -469,13 +469,10 @@ def define_flags() -> None:
 
 
 def main(argv: Sequence[str]) -> int:
-    return cli.run_reporting_errors(lambda: _run(argv))
+    return cli.run_flags_only_command(argv, _run)
 
 
-def _run(argv: Sequence[str]) -> int:
-    cli.quiet_library_logs()
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+def _run() -> int:
     for name in ("source", "format", "workdir"):
         if not FLAGS[name].value:
             raise app.UsageError(f"--{name} is required")
