@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from alexnet_jax import config_lib, export, import_weights, inference, predict, visualize
-from alexnet_jax.data import prepare
+from alexnet_jax.data import prepare, records
 from tests.conftest import ROOT
 
 # --- the source files ---
@@ -323,10 +323,21 @@ def test_a_safetensors_state_dict_imports_without_torch(tmp_path):
         state[f"module.{key}.weight"] = rng.normal(0, 0.01, shape).astype(np.float32)
         state[f"module.{key}.bias"] = rng.normal(0, 0.01, shape[0]).astype(np.float32)
     _write_safetensors(tmp_path / "alexnet.safetensors", state)
+    names = tmp_path / "LOC_synset_mapping.txt"
+    names.write_text("n01440764 tench, Tinca tinca\nn01443537 goldfish, Carassius auratus\n")
     import_weights.import_weights(
-        str(tmp_path / "alexnet.safetensors"), "torchvision", str(tmp_path / "w")
+        str(tmp_path / "alexnet.safetensors"),
+        "torchvision",
+        str(tmp_path / "w"),
+        class_names_file=str(names),
     )
-    params = inference.load_trained(str(tmp_path / "w")).params
+    trained = inference.load_trained(str(tmp_path / "w"))
+    assert trained.classes[:2] == [
+        {"id": "n01440764", "name": "tench, Tinca tinca"},
+        {"id": "n01443537", "name": "goldfish, Carassius auratus"},
+    ]
+    assert trained.classes[2] == {"id": "n01484850", "name": "n01484850"}  # Not in the file.
+    params = trained.params
     w = state["module.features.0.weight"]  # O x I x kh x kw -> kh x kw x I x O.
     np.testing.assert_array_equal(np.asarray(params["conv1"]["kernel"][0]), w.transpose(2, 3, 1, 0))
     fc6 = state["module.classifier.1.weight"].reshape(4096, 256, 6, 6)  # torch flattens C, H, W.
@@ -426,3 +437,19 @@ def test_the_imported_config_is_a_valid_locked_config():
     config = import_weights.imported_config(import_weights.FORMATS["caffe"], "caffenet", 1000, "/d")
     config_lib.validate(config)
     assert config.model.variant == "caffenet" and config.data.mean_subtraction == "channel"
+
+
+def test_a_prepared_dataset_names_the_classes_if_its_order_is_the_weights(tmp_path):
+    wnids = prepare.ilsvrc2012_wnids()
+    data_dir = str(tmp_path / "prepared")
+    os.makedirs(data_dir)
+    classes = [{"id": w, "name": f"class {i}"} for i, w in enumerate(wnids)]
+    records.write_metadata(data_dir, {"classes": classes, "splits": {}})
+    assert import_weights.class_source(str(tmp_path / "w"), 1000, data_dir, None) == data_dir
+    records.write_metadata(data_dir, {"classes": classes[::-1], "splits": {}})
+    with pytest.raises(ValueError, match="not in the ILSVRC-2012 order"):
+        import_weights.class_source(str(tmp_path / "w"), 1000, data_dir, None)
+    with pytest.raises(ValueError, match="the weights have 10 outputs but .* 1000 classes"):
+        import_weights.class_source(str(tmp_path / "w"), 10, data_dir, None)
+    with pytest.raises(ValueError, match="10 outputs, not ILSVRC-2012's 1000: pass --data_dir"):
+        import_weights.class_source(str(tmp_path / "w"), 10, None, None)
