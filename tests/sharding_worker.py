@@ -145,6 +145,16 @@ def main(mode: str, out_path: str) -> None:
     devices = jax.devices()
     assert len(devices) == 4, f"needs 4 fake devices, got {devices}"
     results: dict = {"cases": {}}
+    if mode == "variants":
+        # One-tower and Caffe variants, data parallel over 2 devices (tower axis 1).
+        for variant in ("torchvision", "bvlc_alexnet"):
+            config = tiny_config()
+            config.model.variant = variant
+            _, reference, ref_metrics, _ = one_step(config, (1, 1), devices[:1])
+            results["cases"][f"{variant}/1x1"] = {"loss": float(ref_metrics["loss"])}
+            _, after, step_metrics, hlo = one_step(config, (2, 1), devices[:2])
+            results["cases"][f"{variant}/2x1"] = case_report(after, step_metrics, hlo, reference)
+        return _write(results, out_path)
     for optimizer in ("sgd",) if mode == "meshes" else ("lars",):
         config = tiny_config(optimizer)
         _, reference, ref_metrics, _ = one_step(config, (1, 1), devices[:1])

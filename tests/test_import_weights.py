@@ -19,8 +19,11 @@ import pytest
 from PIL import Image
 
 from alexnet_jax import config_lib, export, import_weights, inference, predict, visualize
-from alexnet_jax.data import prepare
+from alexnet_jax.data import prepare, records
 from tests.conftest import ROOT
+
+TORCHVISION_MEAN = np.array([0.485, 0.456, 0.406])  # torchvision's Normalize, on [0, 1].
+TORCHVISION_STD = np.array([0.229, 0.224, 0.225])
 
 # --- the source files ---
 
@@ -186,6 +189,48 @@ def _caffe_reference(torch, weights, images_bgr_NCHW, *, pool_first: bool):
     return F.linear(x, *t["fc8"]).numpy()
 
 
+def _lax_reference(weights, images_NCHW, *, caffe: bool, pool_first: bool = False):
+    """Either net in its source's layouts (NCHW maps, OIHW grouped convs, fc out x in) with
+    jax.lax, no code of alexnet_jax: torch's stand-in where torch is not installed."""
+    import jax.numpy as jnp
+    from jax import lax
+
+    def conv(x, name, stride=1, pad=0, groups=1):
+        w, b = (jnp.asarray(a) for a in weights[name][:2])
+        y = lax.conv_general_dilated(
+            x, w, (stride, stride), [(pad, pad)] * 2, dimension_numbers=("NCHW", "OIHW", "NCHW"),
+            feature_group_count=groups, precision=lax.Precision.HIGHEST,
+        )  # fmt: skip
+        return jnp.maximum(y + b[None, :, None, None], 0)
+
+    def pool(x):  # At these sizes (55, 27, 13) Caffe's ceil rounding is exact too.
+        return lax.reduce_window(x, -jnp.inf, lax.max, (1, 1, 3, 3), (1, 1, 2, 2), "VALID")
+
+    def norm(x):  # Caffe's LRN across channels: x / (1 + 1e-4 / 5 * window sum of x^2)^0.75.
+        padded = jnp.pad(jnp.square(x), ((0, 0), (2, 2), (0, 0), (0, 0)))
+        window = sum(padded[:, i : i + x.shape[1]] for i in range(5))
+        return x / (1 + 1e-4 / 5 * window) ** 0.75
+
+    def block(x):
+        if not caffe:
+            return pool(x)
+        return norm(pool(x)) if pool_first else pool(norm(x))
+
+    groups = 2 if caffe else 1
+    x = block(conv(jnp.asarray(images_NCHW), "conv1", stride=4, pad=0 if caffe else 2))
+    x = block(conv(x, "conv2", pad=2, groups=groups))
+    x = conv(x, "conv3", pad=1)
+    x = conv(x, "conv4", pad=1, groups=groups)
+    x = pool(conv(x, "conv5", pad=1, groups=groups))
+    assert x.shape[2:] == (6, 6)  # torchvision's adaptive average pool is the identity here.
+    x = x.reshape(x.shape[0], -1)  # C, H, W order.
+    for name in ("fc6", "fc7", "fc8"):
+        w, b = (jnp.asarray(a) for a in weights[name][:2])
+        x = jnp.dot(x, w.T, precision=lax.Precision.HIGHEST) + b
+        x = jnp.maximum(x, 0) if name != "fc8" else x
+    return np.asarray(x)
+
+
 @pytest.fixture(scope="module")
 def photo(tmp_path_factory):
     """A 300x400 picture (smooth colours and edges), saved losslessly."""
@@ -244,8 +289,8 @@ def test_torchvision_logits_equal_torchs(torchvision_import):
     trained = inference.load_trained(workdir)
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 255, (2, 224, 224, 3)).astype(np.float32)
-    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
-    torch_input = ((images / 255 - mean) / std).astype(np.float32).transpose(0, 3, 1, 2)
+    torch_input = (images / 255 - TORCHVISION_MEAN) / TORCHVISION_STD
+    torch_input = torch_input.astype(np.float32).transpose(0, 3, 1, 2)
     with torch.no_grad():
         expected = net(torch.from_numpy(torch_input)).numpy()
     ours = trained.model.apply(
@@ -265,7 +310,7 @@ def test_predict_top5_equals_torchs_on_a_saved_image(torchvision_import, photo):
     assert errors == []
     # torchvision's eval transform of that prepared 256x256 image: centre 224, [0, 1], Normalize.
     crop = _centre(inference.read_image(photo), 224) / 255
-    normalized = (crop - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+    normalized = (crop - TORCHVISION_MEAN) / TORCHVISION_STD
     with torch.no_grad():
         logits = net(torch.from_numpy(normalized.astype(np.float32).transpose(2, 0, 1)[None]))
     probabilities = torch.softmax(logits, -1).numpy()[0]
@@ -306,7 +351,7 @@ def _write_safetensors(path, arrays):
         f.write(struct.pack("<Q", len(text)) + text + body)
 
 
-def test_a_safetensors_state_dict_imports_without_torch(tmp_path):
+def test_a_safetensors_state_dict_imports_without_torch(tmp_path, photo):
     rng = np.random.default_rng(1)
     shapes = {
         "features.0": (64, 3, 11, 11),
@@ -320,13 +365,25 @@ def test_a_safetensors_state_dict_imports_without_torch(tmp_path):
     }
     state = {}
     for key, shape in shapes.items():
-        state[f"module.{key}.weight"] = rng.normal(0, 0.01, shape).astype(np.float32)
-        state[f"module.{key}.bias"] = rng.normal(0, 0.01, shape[0]).astype(np.float32)
+        std = np.sqrt(2 / np.prod(shape[1:]))  # He-scaled: activations stay O(1).
+        state[f"module.{key}.weight"] = rng.normal(0, std, shape).astype(np.float32)
+        state[f"module.{key}.bias"] = rng.normal(0, 0.1, shape[0]).astype(np.float32)
     _write_safetensors(tmp_path / "alexnet.safetensors", state)
+    names = tmp_path / "LOC_synset_mapping.txt"
+    names.write_text("n01440764 tench, Tinca tinca\nn01443537 goldfish, Carassius auratus\n")
     import_weights.import_weights(
-        str(tmp_path / "alexnet.safetensors"), "torchvision", str(tmp_path / "w")
+        str(tmp_path / "alexnet.safetensors"),
+        "torchvision",
+        str(tmp_path / "w"),
+        class_names_file=str(names),
     )
-    params = inference.load_trained(str(tmp_path / "w")).params
+    trained = inference.load_trained(str(tmp_path / "w"))
+    assert trained.classes[:2] == [
+        {"id": "n01440764", "name": "tench, Tinca tinca"},
+        {"id": "n01443537", "name": "goldfish, Carassius auratus"},
+    ]
+    assert trained.classes[2] == {"id": "n01484850", "name": "n01484850"}  # Not in the file.
+    params = trained.params
     w = state["module.features.0.weight"]  # O x I x kh x kw -> kh x kw x I x O.
     np.testing.assert_array_equal(np.asarray(params["conv1"]["kernel"][0]), w.transpose(2, 3, 1, 0))
     fc6 = state["module.classifier.1.weight"].reshape(4096, 256, 6, 6)  # torch flattens C, H, W.
@@ -335,6 +392,20 @@ def test_a_safetensors_state_dict_imports_without_torch(tmp_path):
     np.testing.assert_array_equal(
         np.asarray(params["fc8"]["kernel"]), state["module.classifier.6.weight"].T
     )
+    # The imported net's logits on predict's input equal the source layout's net.
+    views = trained.views(inference.read_image(photo), ten_crop=False)
+    ours = np.asarray(trained.model.apply({"params": params}, views, train=False))
+    layers = {
+        name: (state[f"module.{key}.weight"], state[f"module.{key}.bias"])
+        for name, key in import_weights.TORCHVISION_KEYS.items()
+    }
+    normalized = (
+        _centre(inference.read_image(photo), 224) / 255 - TORCHVISION_MEAN
+    ) / TORCHVISION_STD
+    expected = _lax_reference(
+        layers, normalized.transpose(2, 0, 1)[None].astype(np.float32), caffe=False
+    )
+    np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
 # --- Caffe ---
@@ -342,7 +413,6 @@ def test_a_safetensors_state_dict_imports_without_torch(tmp_path):
 
 @pytest.mark.parametrize(("variant", "v1"), [("bvlc_alexnet", False), ("caffenet", True)])
 def test_caffe_logits_equal_the_caffe_net(tmp_path, photo, variant, v1):
-    torch = pytest.importorskip("torch")
     weights = _caffe_weights(seed=1 if v1 else 0)
     _write_caffemodel(tmp_path / "net.caffemodel", weights, v1=v1)
     workdir = str(tmp_path / "workdir")
@@ -356,25 +426,27 @@ def test_caffe_logits_equal_the_caffe_net(tmp_path, photo, variant, v1):
     crop = _centre(inference.read_image(photo), 227)  # RGB, 0-255.
     caffe_input = (crop - np.array(import_weights.FORMATS["caffe"].rgb_mean))[..., ::-1]  # BGR.
     images = np.stack([caffe_input, caffe_input[::-1]]).astype(np.float32)  # Two pictures.
-    with torch.no_grad():
-        expected = _caffe_reference(
-            torch, weights, torch.from_numpy(images.transpose(0, 3, 1, 2).copy()), pool_first=v1
-        )
+    images_NCHW = images.transpose(0, 3, 1, 2).copy()
     ours = np.asarray(
         trained.model.apply({"params": trained.params}, images[..., ::-1].copy(), train=False)
     )
-    np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
     np.testing.assert_allclose(
         trained.views(inference.read_image(photo), ten_crop=False)[0],
         images[0, ..., ::-1],
         atol=1e-4,
     )
+    expected = _lax_reference(weights, images_NCHW, caffe=True, pool_first=v1)
+    np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
     # The LRN and its place matter at these magnitudes: the other order is far off.
-    with torch.no_grad():
-        other = _caffe_reference(
-            torch, weights, torch.from_numpy(images.transpose(0, 3, 1, 2).copy()), pool_first=not v1
-        )
+    other = _lax_reference(weights, images_NCHW, caffe=True, pool_first=not v1)
     assert np.abs(other - expected).max() > 100 * np.abs(ours - expected).max()
+    try:
+        import torch
+    except ImportError:
+        return
+    with torch.no_grad():
+        by_torch = _caffe_reference(torch, weights, torch.from_numpy(images_NCHW), pool_first=v1)
+    np.testing.assert_allclose(ours, by_torch, rtol=1e-4, atol=1e-4 * np.abs(by_torch).max())
 
 
 def test_caffe_blobs_packed_or_not_and_both_shapes():
@@ -426,3 +498,19 @@ def test_the_imported_config_is_a_valid_locked_config():
     config = import_weights.imported_config(import_weights.FORMATS["caffe"], "caffenet", 1000, "/d")
     config_lib.validate(config)
     assert config.model.variant == "caffenet" and config.data.mean_subtraction == "channel"
+
+
+def test_a_prepared_dataset_names_the_classes_if_its_order_is_the_weights(tmp_path):
+    wnids = prepare.ilsvrc2012_wnids()
+    data_dir = str(tmp_path / "prepared")
+    os.makedirs(data_dir)
+    classes = [{"id": w, "name": f"class {i}"} for i, w in enumerate(wnids)]
+    records.write_metadata(data_dir, {"classes": classes, "splits": {}})
+    assert import_weights.class_source(str(tmp_path / "w"), 1000, data_dir, None) == data_dir
+    records.write_metadata(data_dir, {"classes": classes[::-1], "splits": {}})
+    with pytest.raises(ValueError, match="not in the ILSVRC-2012 order"):
+        import_weights.class_source(str(tmp_path / "w"), 1000, data_dir, None)
+    with pytest.raises(ValueError, match="the weights have 10 outputs but .* 1000 classes"):
+        import_weights.class_source(str(tmp_path / "w"), 10, data_dir, None)
+    with pytest.raises(ValueError, match="10 outputs, not ILSVRC-2012's 1000: pass --data_dir"):
+        import_weights.class_source(str(tmp_path / "w"), 10, None, None)

@@ -106,6 +106,20 @@ def test_conv_chunks_on_a_mesh_gather_per_chunk(mesh_results):
     assert sorted(gathered) == sorted(expected)
 
 
+@pytest.fixture(scope="module")
+def variant_results(tmp_path_factory):
+    """One SGD step of torchvision's and Caffe's variants on 1x1 and 2x1 meshes."""
+    return _run_worker("variants", tmp_path_factory.mktemp("variants"))
+
+
+@pytest.mark.parametrize("variant", ["torchvision", "bvlc_alexnet"])
+def test_other_variants_step_data_parallel_as_on_one_device(variant_results, variant):
+    cases = variant_results["cases"]
+    reference, case = cases[f"{variant}/1x1"], cases[f"{variant}/2x1"]
+    assert case["loss"] == pytest.approx(reference["loss"], rel=1e-6)
+    assert case["params_max_diff"] < 1e-6 and case["opt_state_max_diff"] < 1e-6
+
+
 @pytest.mark.slow
 def test_lars_and_bfloat16_on_two_devices(tmp_path):
     results = _run_worker("extras", tmp_path)
