@@ -38,7 +38,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from alexnet_jax import checkpoint, cli, config_lib, inference, model, tuning
-from alexnet_jax.data import pipeline, prepare, records
+from alexnet_jax.data import pipeline, records, sources
 
 CONVS = ("conv1", "conv2", "conv3", "conv4", "conv5")
 LAYERS = (*CONVS, "fc6", "fc7", "fc8")
@@ -389,7 +389,7 @@ def class_source(
                 f"{dataset.num_classes} classes"
             )
         ids = [c["id"] for c in dataset.metadata["classes"]]
-        if num_classes == 1000 and ids != prepare.ilsvrc2012_wnids():
+        if num_classes == 1000 and ids != sources.ilsvrc2012_wnids():
             raise ValueError(
                 f"{data_dir}'s classes are not in the ILSVRC-2012 order of the weights' outputs "
                 "(sorted wnids)"
@@ -400,8 +400,8 @@ def class_source(
             f"the weights have {num_classes} outputs, not ILSVRC-2012's 1000: pass "
             "--data_dir=the prepared dataset whose classes they predict"
         )
-    names = prepare.read_class_names(class_names_file)
-    return write_class_list(os.path.join(workdir, CLASSES_DIR), prepare.ilsvrc2012_wnids(), names)
+    names = sources.read_class_names(class_names_file)
+    return write_class_list(os.path.join(workdir, CLASSES_DIR), sources.ilsvrc2012_wnids(), names)
 
 
 def read_layers(path: str, source_format: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -53,7 +53,15 @@ from PIL import Image
 
 from alexnet_jax import cli
 from alexnet_jax.data import records, writer
-from alexnet_jax.data.sources import SPLITS, SourceError, SourceSpec, open_tfds
+from alexnet_jax.data.sources import (
+    SPLITS,
+    SourceError,
+    SourceSpec,
+    ilsvrc2012_validation_wnids,
+    ilsvrc2012_wnids,
+    open_tfds,
+    read_class_names,
+)
 from alexnet_jax.progress import Progress
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
@@ -78,24 +86,6 @@ class WorkerError(RuntimeError):
 # Class list and validation labels shipped inside tensorflow-datasets.
 
 
-def _tfds_imagenet_dir() -> str:
-    import tensorflow_datasets
-
-    return os.path.join(os.path.dirname(tensorflow_datasets.__file__), "datasets", "imagenet2012")
-
-
-def ilsvrc2012_wnids() -> list[str]:
-    """The standard 1000-class ILSVRC-2012 order (sorted wnids), from the tfds package."""
-    with open(os.path.join(_tfds_imagenet_dir(), "labels.txt")) as f:
-        return f.read().split()
-
-
-def ilsvrc2012_validation_wnids() -> list[str]:
-    """Wnid of each validation image, line i for ILSVRC2012_val_{i+1:08d}.JPEG."""
-    with open(os.path.join(_tfds_imagenet_dir(), "validation_labels.txt")) as f:
-        return f.read().split()
-
-
 def class_order(wnids: Sequence[str]) -> list[str]:
     """The classes' label order: ILSVRC-2012's when they are that set, else sorted."""
     standard = ilsvrc2012_wnids()
@@ -106,19 +96,6 @@ def class_order(wnids: Sequence[str]) -> list[str]:
         len(set(wnids)),
     )
     return sorted(set(wnids))
-
-
-def read_class_names(path: str | None) -> dict[str, str]:
-    """``wnid name...`` lines (e.g. LOC_synset_mapping.txt) -> {wnid: name}."""
-    if not path:
-        return {}
-    names = {}
-    with open(os.path.expanduser(path)) as f:
-        for line in f:
-            parts = line.strip().split(maxsplit=1)
-            if parts:
-                names[parts[0]] = parts[1] if len(parts) > 1 else parts[0]
-    return names
 
 
 # ---------------------------------------------------------------------------

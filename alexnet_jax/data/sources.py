@@ -1,7 +1,9 @@
-"""Where images come from at run time: the tfds source both ``prepare`` and training read.
+"""What datasets are, shared at run time: the tfds source and ImageNet's class list.
 
-``prepare`` (the offline command) and the training pipeline both open a
-built tfds dataset through ``open_tfds``; nothing here writes.
+``prepare`` (the offline command), the training pipeline and ``import_weights``
+read these; nothing here writes. ``open_tfds`` opens a built tfds dataset; the
+ILSVRC-2012 class order and validation labels come from the copies the
+tensorflow-datasets package ships.
 """
 
 from __future__ import annotations
@@ -83,3 +85,34 @@ def open_tfds(spec: SourceSpec, split: str):
         decoders=decoders,
     )
     return builder, source
+
+
+def _tfds_imagenet_dir() -> str:
+    import tensorflow_datasets
+
+    return os.path.join(os.path.dirname(tensorflow_datasets.__file__), "datasets", "imagenet2012")
+
+
+def ilsvrc2012_wnids() -> list[str]:
+    """The standard 1000-class ILSVRC-2012 order (sorted wnids), from the tfds package."""
+    with open(os.path.join(_tfds_imagenet_dir(), "labels.txt")) as f:
+        return f.read().split()
+
+
+def ilsvrc2012_validation_wnids() -> list[str]:
+    """Wnid of each validation image, line i for ILSVRC2012_val_{i+1:08d}.JPEG."""
+    with open(os.path.join(_tfds_imagenet_dir(), "validation_labels.txt")) as f:
+        return f.read().split()
+
+
+def read_class_names(path: str | None) -> dict[str, str]:
+    """``wnid name...`` lines (e.g. LOC_synset_mapping.txt) -> {wnid: name}."""
+    if not path:
+        return {}
+    names = {}
+    with open(os.path.expanduser(path)) as f:
+        for line in f:
+            parts = line.strip().split(maxsplit=1)
+            if parts:
+                names[parts[0]] = parts[1] if len(parts) > 1 else parts[0]
+    return names
