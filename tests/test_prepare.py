@@ -244,7 +244,7 @@ def test_classes_too_small_to_split_are_all_named_with_their_folders(tmp_path):
     with pytest.raises(prepare.SourceError) as e:
         prepare.prepare(source, str(tmp_path / "out"), num_workers=0)
     message = str(e.value)
-    assert f"{tmp_path / 'src' / 'one'} (1 images)" in message
+    assert f"{tmp_path / 'src' / 'one'} (1 image)" in message and "but 2 have fewer" in message
     assert f"{tmp_path / 'src' / 'none'} (0 images)" in message
     assert "big" not in message and "at least 2 images" in message
     assert "ROOT/val/<class>/" in message

@@ -235,16 +235,18 @@ def hold_out_validation(
     by_label: dict[int, list[tuple]] = collections.defaultdict(list)
     for ref in refs:
         by_label[ref[2]].append(ref)
+    counts = [len(by_label[label]) for label in range(len(classes))]
     too_few = [
-        f"{class_dir(name)} ({len(by_label[label])} images)"
-        for label, name in enumerate(classes)
-        if len(by_label[label]) < MIN_IMAGES_TO_SPLIT
+        f"{class_dir(name)} ({n} image{'' if n == 1 else 's'})"
+        for name, n in zip(classes, counts, strict=True)
+        if n < MIN_IMAGES_TO_SPLIT
     ]
     if too_few:
         raise SourceError(
             f"cannot hold out validation images (--val_fraction={val_fraction}): each class "
             f"needs at least {MIN_IMAGES_TO_SPLIT} images, one to train on and one to validate, "
-            f"but {len(too_few)} have fewer: {', '.join(too_few)}. Add images to those folders "
+            f"but {len(too_few)} {'has' if len(too_few) == 1 else 'have'} fewer: "
+            f"{', '.join(too_few)}. Add images to those folders "
             "or remove them, or give validation images of your own (ROOT/train/<class>/ and "
             "ROOT/val/<class>/)"
         )
