@@ -59,12 +59,21 @@ def config_to_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def model_config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """The model-defining fields whose values differ, as "field: saved -> current" lines."""
-    old = config_lib.upgrade(config_lib.flatten(saved))
+    """The fields a resume must keep whose values differ, as "field: saved -> current" lines.
+
+    Those are the model-defining fields and those that shape the optimizer
+    state (``config_lib.RESUME_FIXED_FIELDS``). An optimizer-state field that
+    a checkpoint's version did not have yet counts as its default (what that run used).
+    """
+    defaults = config_lib.flatten(config_lib.defaults().to_dict())
+    old = {
+        **{f.name: defaults[f.name] for f in config_lib.FIELDS if f.fixed_on_resume},
+        **config_lib.upgrade(config_lib.flatten(saved)),
+    }
     new = config_lib.flatten(current)
     return [
         f"config.{name}: {old[name]!r} in the checkpoint, {new[name]!r} now"
-        for name in config_lib.MODEL_DEFINING_FIELDS
+        for name in config_lib.RESUME_FIXED_FIELDS
         if name in old and name in new and old[name] != new[name]
     ]
 
@@ -350,7 +359,8 @@ class Checkpointer:
             changes = model_config_changes(self.saved_config(step), current)
             if changes:
                 raise ConfigMismatchError(
-                    f"The config changes fields that define the model, relative to the checkpoint "
+                    "The config changes fields that define the model (or its optimizer state), "
+                    "relative to the checkpoint "
                     f"at step {step} in {self.directory}:\n  "
                     + "\n  ".join(changes)
                     + "\nKeep the checkpoint's values, or train the new model in another --workdir."

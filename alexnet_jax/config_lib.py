@@ -3,7 +3,8 @@
 Experiment files in ``configs/`` start from ``defaults()`` and override what
 differs; ``validate`` checks every field against its declaration and names
 the first bad one with what it accepts. A field marked ``defines_model``
-may not change when a run resumes (``checkpoint`` enforces it). Adding a
+may not change when a run resumes (``checkpoint`` enforces it), nor may one
+marked ``fixed_on_resume`` (it shapes the optimizer state). Adding a
 knob means one ``Field`` here and its use where it acts.
 
     python -m alexnet_jax.config_lib     # every field, its default and what it accepts
@@ -73,6 +74,7 @@ class Field:
     accepts: Accepts
     doc: str  # One line: what the field does.
     defines_model: bool = False  # The network or what it sees: a resumed run may not change it.
+    fixed_on_resume: bool = False  # Shapes the optimizer state: a resumed run may not change it.
 
 
 def _mesh_shape_ok(v: Any) -> bool:
@@ -106,6 +108,13 @@ MIN_CROP_SIZE = 67  # The smallest input whose pool5 keeps one position (conv1 u
 
 
 NUM_TOWERS = 2  # The paper's two GPUs; model.NUM_TOWERS (a test keeps them equal).
+# The model's layers, input to output (its parameter names; a test keeps them equal).
+LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
+
+
+def _layers_ok(v: Any) -> bool:
+    return isinstance(v, tuple | list) and all(x in LAYERS for x in v) and len(set(v)) == len(v)
+
 
 FIELDS: tuple[Field, ...] = (
     Field("seed", 0, integer(0), "Seeds parameters, dropout and the data order."),
@@ -255,6 +264,19 @@ FIELDS: tuple[Field, ...] = (
     Field("eval_batch_size", 256, integer(1), "Global batch for validation."),
     Field("num_epochs", 90.0, number(0, low_open=True), "Training length in epochs."),
     Field("max_steps", -1, integer(-1), "Stop after this many steps if > 0 (beats num_epochs)."),
+    # Fine-tuning: where a new run's parameters come from (alexnet_jax/finetune.py).
+    Field(
+        "init_from",
+        "",
+        ANY_TEXT,
+        'A trained workdir whose params start a new run (fc8 new if classes differ); "" = none.',
+    ),
+    Field(
+        "init_from_step",
+        -1,
+        integer(-1, note=" (-1 = its newest usable checkpoint)"),
+        "init_from: the checkpoint step to start from.",
+    ),
     # Optimizer and learning-rate schedule (alexnet_jax/optim.py).
     Field(
         "optim.name", "sgd", one_of("sgd", "lars"), "sgd (the paper's rule) or lars (big batch)."
@@ -299,6 +321,13 @@ FIELDS: tuple[Field, ...] = (
     ),
     Field("optim.weight_decay", 5e-4, number(0), "Applied to all weights, as in the paper."),
     Field("optim.weight_decay_on_biases", True, BOOLEAN, "The paper decays biases too."),
+    Field(
+        "optim.frozen_layers",
+        (),
+        Accepts(_layers_ok, f"a tuple of distinct layer names from {LAYERS}, e.g. ('conv1',)"),
+        "Layers whose params never change (and have no optimizer state), for fine-tuning.",
+        fixed_on_resume=True,
+    ),
     # Devices and hosts (alexnet_jax/sharding.py, launch.py).
     Field(
         "mesh_shape",
@@ -366,6 +395,7 @@ FIELDS: tuple[Field, ...] = (
 
 BY_NAME: Mapping[str, Field] = {f.name: f for f in FIELDS}
 MODEL_DEFINING_FIELDS = tuple(f.name for f in FIELDS if f.defines_model)
+RESUME_FIXED_FIELDS = tuple(f.name for f in FIELDS if f.defines_model or f.fixed_on_resume)
 
 # Fields that moved: old name -> new name. Old workdirs' saved configs are read with them,
 # and an override that uses an old name is told the new one.
@@ -467,6 +497,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
             '() unless data.mean_subtraction = "channel" (fixed means replace the dataset\'s '
             "per-channel mean)",
         )
+    if config.init_from_step != -1 and not config.init_from:
+        _fail(
+            "init_from_step",
+            config.init_from_step,
+            "-1 unless config.init_from names the workdir to start from",
+        )
     d = config.distributed
     if d.process_id != -1 and d.process_id >= max(d.num_processes, 1):
         _fail(
@@ -482,6 +518,7 @@ def describe() -> str:
     lines = []
     for f in FIELDS:
         mark = "  [defines the model]" if f.defines_model else ""
+        mark += "  [fixed on resume]" if f.fixed_on_resume else ""
         lines.append(f"{f.name:<{width}}  = {f.default!r}\n{'':<{width}}    {f.doc}{mark}")
         lines.append(f"{'':<{width}}    accepts {f.accepts.description}")
     return "\n".join(lines)

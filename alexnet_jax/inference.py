@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -39,11 +40,11 @@ def build_model(
     return AlexNet(**fields, mesh=mesh, kernels=tuning.kernels(conv_chunk_size=chunk_size))
 
 
-def abstract_params(
-    model: AlexNet, sharding: jax.sharding.Sharding | None = None, *, crop_size: int = CROP_SIZE
-) -> Any:
+def abstract_params(model: AlexNet, sharding: Any = None, *, crop_size: int = CROP_SIZE) -> Any:
     """The model's parameter shapes and dtypes (no computation), placed by ``sharding``.
 
+    ``sharding`` is one Sharding for every parameter, or a pytree of them
+    shaped like the params (e.g. another run's, whose head may differ in size).
     ``crop_size`` is ``config.data.crop_size``: fc6's input follows it.
     """
     shapes = jax.eval_shape(
@@ -51,7 +52,13 @@ def abstract_params(
             jax.random.PRNGKey(0), jnp.zeros((1, crop_size, crop_size, 3)), train=False
         )["params"]
     )
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), shapes)
+    if sharding is None or isinstance(sharding, jax.sharding.Sharding):
+        return jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), shapes
+        )
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, sharding
+    )
 
 
 class CheckpointMissingError(FileNotFoundError):
@@ -109,21 +116,24 @@ def run_config(
     return config_lib.from_saved(saved)
 
 
-def load_trained(
+def load_params(
     workdir: str,
     *,
     config: ml_collections.ConfigDict | None = None,
-    data_dir: str | None = None,
     step: int | None = None,
-) -> TrainedModel:
-    """Restores the params of ``workdir``'s newest usable checkpoint, or of ``step``.
+    sharding: Any = None,
+    check_config: Callable[[ml_collections.ConfigDict], None] | None = None,
+) -> tuple[ml_collections.ConfigDict, AlexNet, Any, int]:
+    """(run config, model, params, step) of ``workdir``'s newest usable checkpoint, or of ``step``.
 
     The run's config comes from the checkpoint; ``config`` is used only for
-    checkpoints saved without one. ``data_dir`` overrides ``config.data.dir``
-    (the prepared dataset gives the class names and the mean image). Without
-    ``step``, a checkpoint that cannot be restored is skipped with a warning
-    and the previous one tried, as training does (nothing is moved: the tools
-    only read); if none restores, ``checkpoint.NoUsableCheckpointError``.
+    checkpoints saved without one. Without ``step``, a checkpoint that cannot
+    be restored is skipped with a warning and the previous one tried, as
+    training does (nothing is moved: this only reads); if none restores,
+    ``checkpoint.NoUsableCheckpointError``. ``sharding`` (as ``abstract_params``
+    takes it) places the params; default: this process's first device.
+    ``check_config`` sees each run config before its params are read; a
+    ``config_lib.ConfigError`` it raises ends the search.
     """
     workdir = os.path.abspath(os.path.expanduser(workdir))
     ckpt_dir = os.path.join(workdir, "checkpoints")
@@ -146,19 +156,23 @@ def load_trained(
                 f"No checkpoint for step {step} in {ckpt_dir}: has {steps}"
             )
         candidates = [step] if step is not None else sorted(steps, reverse=True)
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        if sharding is None:
+            sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
         def attempt(candidate: int) -> tuple[ml_collections.ConfigDict, AlexNet, Any]:
             run = run_config(ckpt, candidate, config)
+            if check_config is not None:
+                check_config(run)
             model = build_model(run)
-            shapes = abstract_params(model, device, crop_size=run.data.crop_size)
+            shapes = abstract_params(model, sharding, crop_size=run.data.crop_size)
             return run, model, ckpt.restore_params(candidate, shapes)
 
         step, (run, model, params), _ = checkpoint.first_usable(
             candidates,
             attempt,
             ckpt.directory,
-            reraise=(MissingConfigError,),  # A config the user must give: not damage.
+            # A config the user must give or change: not damage.
+            reraise=(MissingConfigError, config_lib.ConfigError),
             advice=(
                 "Pick another one with --step, or retrain: " if step is not None else "Retrain: "
             )
@@ -166,6 +180,23 @@ def load_trained(
         )
     finally:
         ckpt.close()
+    return run, model, params, step
+
+
+def load_trained(
+    workdir: str,
+    *,
+    config: ml_collections.ConfigDict | None = None,
+    data_dir: str | None = None,
+    step: int | None = None,
+) -> TrainedModel:
+    """``load_params`` plus the prepared dataset the run trained on.
+
+    ``data_dir`` overrides ``config.data.dir`` (the prepared dataset gives the
+    class names and the mean image).
+    """
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    run, model, params, step = load_params(workdir, config=config, step=step)
     if data_dir is not None:
         run = ml_collections.ConfigDict(run.to_dict())
         run.data.dir = data_dir

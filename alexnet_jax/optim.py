@@ -16,6 +16,7 @@ optimizer-state structure and the step stays a pure function of the state.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import flax
@@ -180,6 +181,8 @@ def learning_rate_schedule(
         return lambda step: lr * factor ** jnp.sum(step >= boundaries)
     if optim_config.schedule == "warmup_cosine":
         warmup = round(optim_config.warmup_epochs * steps_per_epoch)
+        if warmup == 0:  # Cosine from the first step (optax would log about an empty warmup).
+            return optax.cosine_decay_schedule(lr, decay_steps=max(total_steps, 1), alpha=0.0)
         return optax.warmup_cosine_decay_schedule(
             init_value=0.0,
             peak_value=lr,
@@ -213,29 +216,57 @@ def bias_mask(params: Any) -> Any:
     )
 
 
+def layer_labels(params: Any, frozen_layers: Sequence[str]) -> Any:
+    """ "frozen" for every parameter of a layer in ``frozen_layers``, else "trained"."""
+    frozen = set(frozen_layers)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "frozen" if getattr(path[0], "key", None) in frozen else "trained", params
+    )
+
+
+def freeze(
+    rule: optax.GradientTransformation, frozen_layers: Sequence[str]
+) -> optax.GradientTransformation:
+    """``rule`` for all but ``frozen_layers``, whose updates are exactly zero.
+
+    ``optax.multi_transform`` keeps ``rule``'s state (the momentum) for the
+    trained parameters only, and a zero update leaves a frozen parameter's
+    bits as they were; XLA drops the gradients nothing uses.
+    """
+    if not frozen_layers:
+        return rule
+    return optax.multi_transform(
+        {"trained": rule, "frozen": optax.set_to_zero()},
+        lambda params: layer_labels(params, frozen_layers),
+    )
+
+
 def make_optimizer(optim_config: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """``config.optim``'s rule with the learning rate as a hyperparameter in the optimizer state.
 
     The train step sets that hyperparameter each step (``with_learning_rate``);
-    until it does, it holds ``config.optim.learning_rate``.
+    until it does, it holds ``config.optim.learning_rate``. Layers in
+    ``frozen_layers`` never change (``freeze``).
     """
     mask = None if optim_config.weight_decay_on_biases else bias_mask
 
     def sgd(learning_rate):
         if optim_config.name == "lars":
-            return lars(
+            rule = lars(
                 learning_rate,
                 momentum=optim_config.momentum,
                 weight_decay=optim_config.weight_decay,
                 trust_coefficient=optim_config.lars_trust_coefficient,
                 weight_decay_mask=mask,
             )
-        return paper_sgd(
-            learning_rate,
-            momentum=optim_config.momentum,
-            weight_decay=optim_config.weight_decay,
-            weight_decay_mask=mask,
-        )
+        else:
+            rule = paper_sgd(
+                learning_rate,
+                momentum=optim_config.momentum,
+                weight_decay=optim_config.weight_decay,
+                weight_decay_mask=mask,
+            )
+        return freeze(rule, tuple(optim_config.frozen_layers))
 
     return optax.inject_hyperparams(sgd, hyperparam_dtype=jnp.float32)(
         learning_rate=optim_config.learning_rate

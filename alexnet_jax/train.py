@@ -20,6 +20,7 @@ from alexnet_jax import (
     checkpoint,
     config_lib,
     diagnostics,
+    finetune,
     flops,
     inference,
     metrics,
@@ -195,7 +196,8 @@ def load_dataset(config: ml_collections.ConfigDict) -> pipeline.Dataset:
     if dataset.num_classes != config.model.num_classes:
         raise config_lib.ConfigError(
             f"config.model.num_classes = {config.model.num_classes} but the dataset in "
-            f"{data_dir} has {dataset.num_classes} classes"
+            f"{data_dir} has {dataset.num_classes} classes: pass "
+            f"--config.model.num_classes={dataset.num_classes}"
         )
     return dataset
 
@@ -337,8 +339,19 @@ def _train_and_evaluate(
         latest, state = restored
         logging.info("Resumed from the checkpoint at step %d in %s", latest, ckpt.directory)
     else:
+        # Fine-tuning: a fresh run starts from another run's params (checked before init).
+        source = finetune.load_source(config, abstract_sharded.params) if config.init_from else None
         state = jax.jit(init_fn, out_shardings=state_shardings)()
-        logging.info("Initialized a new model (%s init)", config.model.init_scheme)
+        if source is not None:
+            state = state.replace(params=finetune.initial_params(source, state.params, config))
+        else:
+            logging.info("Initialized a new model (%s init)", config.model.init_scheme)
+            if config.optim.frozen_layers:
+                logging.warning(
+                    "config.optim.frozen_layers = %s without config.init_from: those layers "
+                    "stay at their random init",
+                    tuple(config.optim.frozen_layers),
+                )
 
     writer = metrics.MetricWriter(workdir, enabled=is_main)
     start_step = int(jax.device_get(state.step))

@@ -19,7 +19,7 @@ def _experiment(name):
     return module.get_config()
 
 
-@pytest.mark.parametrize("name", ["demo", "imagenet", "imagenet_pod"])
+@pytest.mark.parametrize("name", ["demo", "imagenet", "imagenet_pod", "finetune"])
 def test_every_experiment_config_holds_exactly_the_schemas_fields(name):
     config = _experiment(name)
     config_lib.validate(config)
@@ -28,7 +28,7 @@ def test_every_experiment_config_holds_exactly_the_schemas_fields(name):
 
 def test_defaults_are_the_declared_ones_and_pass_their_own_checks():
     flat = config_lib.flatten(config_lib.defaults().to_dict())
-    assert len(flat) == len(config_lib.FIELDS) == 64
+    assert len(flat) == len(config_lib.FIELDS) == 67
     for f in config_lib.FIELDS:
         value = tuple(flat[f.name]) if isinstance(flat[f.name], list) else flat[f.name]
         assert value == f.default and f.accepts.test(value), f.name
@@ -109,6 +109,36 @@ def test_fixed_rgb_means_need_channel_mean_subtraction():
         config_lib.validate(config)
     config.data.mean_subtraction = "channel"
     config_lib.validate(config)
+
+
+def test_layer_names_are_the_networks_parameters_in_order():
+    import jax
+    import jax.numpy as jnp
+
+    shapes = jax.eval_shape(
+        lambda: model.AlexNet(num_classes=3, width=1 / 16).init(
+            jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)), train=False
+        )["params"]
+    )
+    assert tuple(shapes) == config_lib.LAYERS
+
+
+def test_fine_tuning_fields_are_checked_and_freezing_is_kept_on_resume():
+    config = config_lib.defaults()
+    config.optim.frozen_layers = ("conv1", "fc7")
+    config_lib.validate(config)
+    config.optim.frozen_layers = ("conv1", "conv1")
+    with pytest.raises(config_lib.ConfigError, match="distinct layer names"):
+        config_lib.validate(config)
+    config.optim.frozen_layers, config.init_from_step = (), 5
+    with pytest.raises(config_lib.ConfigError, match=r"init_from_step = 5 .* config.init_from"):
+        config_lib.validate(config)
+    config.init_from = "/runs/source"
+    config_lib.validate(config)
+    assert (
+        *config_lib.MODEL_DEFINING_FIELDS,
+        "optim.frozen_layers",
+    ) == config_lib.RESUME_FIXED_FIELDS
 
 
 def test_model_fields_are_the_networks_attributes():

@@ -1,8 +1,10 @@
 """The optimizer performs the paper's update rule (Sec. 5)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from alexnet_jax import optim
 
@@ -50,3 +52,38 @@ def test_lr_drop_does_not_rescale_existing_velocity():
         np.asarray(params["w"]), _paper_loop(w0, grads, lrs, weight_decay=0.0), rtol=1e-6
     )
     np.testing.assert_allclose(np.asarray(params["w"]), 1 - 0.1 - 0.09, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["sgd", "lars"])
+def test_frozen_layers_keep_their_bits_and_have_no_optimizer_state(name):
+    from alexnet_jax import config_lib
+
+    config = config_lib.defaults().optim
+    config.name, config.frozen_layers, config.weight_decay_on_biases = name, ("conv1",), False
+    rng = np.random.default_rng(0)
+    params = {
+        layer: {
+            "kernel": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
+            "bias": jnp.asarray(rng.normal(size=(4,)), jnp.float32),
+        }
+        for layer in ("conv1", "fc8")
+    }
+    tx = optim.make_optimizer(config)
+    state = tx.init(params)
+    # Momentum is kept for fc8's 16 numbers only (plus scalars: step counts, the rate).
+    assert sum(x.size for x in jax.tree.leaves(state) if x.ndim) == 16
+    start = jax.tree.map(np.asarray, params)
+    for step in range(3):
+        grads = jax.tree.map(lambda p, g=0.5 + step: jnp.full_like(p, g), params)
+        state = optim.with_learning_rate(state, 0.1)
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    for leaf in ("kernel", "bias"):
+        assert np.asarray(params["conv1"][leaf]).tobytes() == start["conv1"][leaf].tobytes()
+        moved = np.abs(np.asarray(params["fc8"][leaf]) - start["fc8"][leaf])
+        assert moved.min() > 1e-4  # Every trained number moved.
+    # Without frozen layers the same rule moves conv1 too.
+    config.frozen_layers = ()
+    plain = optim.make_optimizer(config)
+    updates, _ = plain.update(grads, optim.with_learning_rate(plain.init(params), 0.1), params)
+    assert float(jnp.abs(updates["conv1"]["kernel"]).min()) > 0

@@ -164,9 +164,103 @@ def test_missing_or_wrong_source_fails_saying_what_was_expected(tmp_path):
     with pytest.raises(prepare.SourceError, match="does not exist.*ILSVRC2012_img_train.tar"):
         prepare.prepare(str(tmp_path / "nowhere"), str(tmp_path / "out"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(prepare.SourceError, match="none of the accepted layouts.*train/<wnid>"):
+    with pytest.raises(prepare.SourceError, match="none of the accepted layouts.*<class>/\\*.jpg"):
         prepare.prepare(str(tmp_path / "empty"), str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out")
+
+
+def _class_folders(root: str, counts: dict[str, int], prefix: str = "") -> str:
+    """ROOT/<prefix><class>/img_i.jpg, counts[class] small images per class."""
+    for c, (name, n) in enumerate(counts.items()):
+        for i in range(n):
+            _write(os.path.join(root, prefix, name, f"img_{i}.jpg"), _jpeg(50 * c + i, (64, 48)))
+    return root
+
+
+def test_flat_class_folders_get_a_seeded_stratified_validation_split(tmp_path):
+    counts = {"cat": 10, "dog": 5, "bird": 3}
+    source = _class_folders(str(tmp_path / "pets"), counts)
+    os.makedirs(tmp_path / "pets" / ".ipynb_checkpoints")  # Jupyter's: never a class.
+    _write(str(tmp_path / "pets" / "stray.jpg"), _jpeg(7, (64, 48)))
+    metadata = prepare.prepare(source, str(tmp_path / "out"), num_workers=0)
+
+    assert metadata["name"] == "pets" and metadata["source_kind"] == "class_folders"
+    assert metadata["classes"] == [{"id": c, "name": c} for c in ("bird", "cat", "dog")]
+    assert not metadata["standard_ilsvrc2012_order"]
+    split = metadata["val_split"]
+    assert (split["val_fraction"], split["seed"], split["stratified"]) == (0.2, 0, True)
+    # round(0.2 n), at least one per class on each side: 10 -> 8/2, 5 -> 4/1, 3 -> 2/1.
+    assert split["per_class"] == {
+        "bird": {"train": 2, "val": 1},
+        "cat": {"train": 8, "val": 2},
+        "dog": {"train": 4, "val": 1},
+    }
+    assert metadata["splits"]["train"]["num_examples"] == 14
+    assert metadata["splits"]["val"]["num_examples"] == 4
+    train = {e["key"]: e["label"] for e in _read_shards(str(tmp_path / "out"), "train", metadata)}
+    val = {e["key"]: e["label"] for e in _read_shards(str(tmp_path / "out"), "val", metadata)}
+    assert not set(train) & set(val) and len(train) + len(val) == 18
+    for key, label in {**train, **val}.items():
+        assert metadata["classes"][label]["id"] == key.split("/")[0]
+    # The image beside the class folders is reported, not trained on.
+    assert [(b["key"], b["kind"]) for b in metadata["bad_files"]] == [
+        ("stray.jpg", "unknown_label")
+    ]
+    assert metadata["skipped_files"]["examples"] == [".ipynb_checkpoints"]
+
+    # The same seed holds out the same images; another seed, others (recorded).
+    again = prepare.prepare(source, str(tmp_path / "again"), num_workers=0)
+    assert again["val_split"] == split
+    assert {e["key"] for e in _read_shards(str(tmp_path / "again"), "val", again)} == set(val)
+    other = prepare.prepare(source, str(tmp_path / "other"), num_workers=0, split_seed=3)
+    assert other["val_split"]["seed"] == 3
+    assert {e["key"] for e in _read_shards(str(tmp_path / "other"), "val", other)} != set(val)
+
+
+def test_train_folder_without_val_is_split_and_named_by_flag_or_folder(tmp_path):
+    source = _class_folders(str(tmp_path / "shop"), {"mug": 4, "spoon": 4}, prefix="train")
+    metadata = prepare.prepare(
+        source, str(tmp_path / "out"), num_workers=0, val_fraction=0.5, name="kitchen"
+    )
+    assert metadata["name"] == "kitchen" and metadata["source_kind"] == "folder"
+    assert metadata["val_split"]["held_out_from"] == "train/"
+    assert metadata["val_split"]["per_class"] == {
+        "mug": {"train": 2, "val": 2},
+        "spoon": {"train": 2, "val": 2},
+    }
+    keys = {e["key"] for e in _read_shards(str(tmp_path / "out"), "val", metadata)}
+    assert len(keys) == 4 and all(k.startswith("train/") for k in keys)
+    # With a val/ folder, its images are the validation set: nothing is held out.
+    _class_folders(source, {"mug": 1, "spoon": 1}, prefix="val")
+    own = prepare.prepare(source, str(tmp_path / "own"), num_workers=0)
+    assert "val_split" not in own and own["name"] == "shop"
+    assert own["splits"]["train"]["num_examples"] == 8
+    assert own["splits"]["val"]["num_examples"] == 2
+
+
+def test_classes_too_small_to_split_are_all_named_with_their_folders(tmp_path):
+    source = _class_folders(str(tmp_path / "src"), {"big": 5, "one": 1, "none": 0})
+    os.makedirs(tmp_path / "src" / "none", exist_ok=True)
+    with pytest.raises(prepare.SourceError) as e:
+        prepare.prepare(source, str(tmp_path / "out"), num_workers=0)
+    message = str(e.value)
+    assert f"{tmp_path / 'src' / 'one'} (1 image)" in message and "but 2 have fewer" in message
+    assert f"{tmp_path / 'src' / 'none'} (0 images)" in message
+    assert "big" not in message and "at least 2 images" in message
+    assert "ROOT/val/<class>/" in message
+    assert not os.path.exists(tmp_path / "out")
+    # Without a val split nothing needs splitting.
+    metadata = prepare.prepare(source, str(tmp_path / "out"), num_workers=0, splits=["train"])
+    assert metadata["splits"] == {"train": {"num_examples": 6, "num_shards": 1}}
+    with pytest.raises(prepare.SourceError, match="--val_fraction=1.0 must be in"):
+        prepare.prepare(source, str(tmp_path / "x"), val_fraction=1.0)
+
+
+def test_images_without_class_folders_say_how_to_arrange_them(tmp_path):
+    for i in range(3):
+        _write(str(tmp_path / "src" / f"photo_{i}.jpg"), _jpeg(i, (64, 48)))
+    with pytest.raises(prepare.SourceError, match=r"holds 3 images but no class folders.*<class>"):
+        prepare.prepare(str(tmp_path / "src"), str(tmp_path / "out"))
 
 
 def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:

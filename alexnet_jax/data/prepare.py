@@ -1,16 +1,25 @@
-r"""Prepare ImageNet once: the paper's 256x256 images in ArrayRecord shards plus statistics.
+r"""Prepare a dataset once: the paper's 256x256 images in ArrayRecord shards plus statistics.
 
     python -m alexnet_jax.data.prepare --source=/data/ilsvrc2012 \
         --output_dir=~/data/imagenet2012_prepared
+    python -m alexnet_jax.data.prepare --source=~/my_photos --output_dir=~/my_photos_prepared
 
 ``--source`` is one of
   * a directory holding the official ``ILSVRC2012_img_train.tar`` (one tar
     per class inside) and ``ILSVRC2012_img_val.tar``; validation labels and
     the class list come from the copies tensorflow-datasets ships (no devkit);
-  * a folder layout ``ROOT/train/<wnid>/*.JPEG`` and ``ROOT/val/<wnid>/*.JPEG``
-    (or a flat ``ROOT/val/ILSVRC2012_val_*.JPEG``, labelled like the tar);
+  * a folder layout ``ROOT/train/<class>/*.jpg`` and ``ROOT/val/<class>/*.jpg``
+    (for ImageNet, <class> is a wnid, and a flat ``ROOT/val/ILSVRC2012_val_*.JPEG``
+    is labelled like the tar);
+  * a folder of class folders, ``ROOT/<class>/*.jpg`` (``cat/ dog/ bird/``);
   * ``tfds:imagenet2012`` (with ``--tfds_data_dir``) or the directory of a
     built tfds dataset, read through ``tfds.data_source`` (no TensorFlow).
+
+Class names are the folder names (sorted; the ILSVRC-2012 order when they are
+its 1000 wnids). Without a ``val/`` folder, a seeded, stratified share of each
+class's images (``--val_fraction``, ``--split_seed``) is held out for
+validation, and metadata.json records how (``val_split``). Hidden folders
+(``.ipynb_checkpoints``) are never classes.
 
 Each image gets Sec. 2's preprocessing (shorter side to 256, central
 256x256 patch) and is stored as a JPEG in ``{split}-NNNNN-of-NNNNN.array_record``
@@ -71,6 +80,9 @@ DEFAULT_EXAMPLES_PER_SHARD = 1024
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 SKIPPED_EXAMPLES = 10  # Skipped files named in metadata.json; all are counted.
 VAL_NUMBER = re.compile(r"ILSVRC2012_val_(\d{8})")
+WNID = re.compile(r"n\d{8}")
+DEFAULT_VAL_FRACTION = 0.2
+MIN_IMAGES_TO_SPLIT = 2  # One to train on and one to validate.
 
 # What can happen to one input file. Converted files are kept; bad ones are
 # listed in metadata["bad_files"] and left out.
@@ -86,16 +98,23 @@ class WorkerError(RuntimeError):
 # Class list and validation labels shipped inside tensorflow-datasets.
 
 
-def class_order(wnids: Sequence[str]) -> list[str]:
+def _all_wnids(names: Sequence[str]) -> bool:
+    return bool(names) and all(WNID.fullmatch(n) for n in names)
+
+
+def class_order(names: Sequence[str]) -> list[str]:
     """The classes' label order: ILSVRC-2012's when they are that set, else sorted."""
-    standard = ilsvrc2012_wnids()
-    if set(wnids) == set(standard):
-        return standard
-    logging.warning(
-        "%d classes that are not the ILSVRC-2012 1000: labels follow sorted class names",
-        len(set(wnids)),
-    )
-    return sorted(set(wnids))
+    if _all_wnids(names):
+        standard = ilsvrc2012_wnids()
+        if set(names) == set(standard):
+            return standard
+        logging.warning(
+            "%d classes that are not the ILSVRC-2012 1000: labels follow sorted class names",
+            len(set(names)),
+        )
+    else:  # The user's own classes: nothing to warn about.
+        logging.info("%d classes from the folder names: %s", len(set(names)), sorted(set(names)))
+    return sorted(set(names))
 
 
 # ---------------------------------------------------------------------------
@@ -108,19 +127,21 @@ def class_order(wnids: Sequence[str]) -> list[str]:
 @dataclasses.dataclass
 class SourceListing:
     spec: SourceSpec
-    classes: list[str]  # wnids in label order
+    classes: list[str]  # Class ids (wnids, folder names) in label order.
     items: dict[str, list[tuple]]  # split -> references
     unknown_label: dict[str, list[tuple[str, str]]]  # split -> [(key, reason)]
     # split -> keys of entries left out for not being images (notes.txt, a stray folder).
     skipped: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    val_split: dict[str, Any] | None = None  # How val was held out of train, if it was.
 
 
 def detect_source(source: str, tfds_data_dir: str | None) -> SourceSpec:
-    """Which of the three layouts ``source`` is; fails at once, saying what was expected."""
+    """Which of the accepted layouts ``source`` is; fails at once, saying what was expected."""
     expected = (
-        f"expected a directory with {TRAIN_TAR} and {VAL_TAR}, a folder with "
-        "train/<wnid>/*.JPEG and val/..., 'tfds:imagenet2012' (with --tfds_data_dir), "
-        "or a built tfds dataset directory (with dataset_info.json)"
+        "expected a folder of class folders (<class>/*.jpg, e.g. cat/ dog/ bird/), a folder "
+        "with train/<class>/*.jpg and val/<class>/*.jpg (without val/, --val_fraction of train "
+        f"is held out), a directory with {TRAIN_TAR} and {VAL_TAR}, 'tfds:imagenet2012' (with "
+        "--tfds_data_dir), or a built tfds dataset directory (with dataset_info.json)"
     )
     if source.startswith("tfds:"):
         return SourceSpec("tfds", source[len("tfds:") :], tfds_data_dir)
@@ -133,6 +154,15 @@ def detect_source(source: str, tfds_data_dir: str | None) -> SourceSpec:
         return SourceSpec("folder", path)
     if os.path.exists(os.path.join(path, "dataset_info.json")):
         return SourceSpec("tfds", path)
+    if _class_folders(path, "", []):
+        return SourceSpec("class_folders", path)
+    images = [n for n in os.listdir(path) if _is_image_name(n)]
+    if images:
+        raise SourceError(
+            f"--source={source!r} holds {len(images)} images but no class folders: put each "
+            f"class's images in a folder of its own, {path}/<class>/*.jpg (the folder names "
+            "become the class names), then run this command again"
+        )
     raise SourceError(f"--source={source!r} holds none of the accepted layouts: {expected}")
 
 
@@ -145,6 +175,83 @@ def _val_wnid(name: str, val_wnids: list[str]) -> str | None:
 
 def _is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _class_folders(directory: str, prefix: str, skipped: list[str]) -> list[str]:
+    """The visible sub-folders of ``directory``, sorted; hidden ones' keys go to skipped."""
+    names = []
+    for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+        if entry.is_dir() and not entry.name.startswith("."):
+            names.append(entry.name)
+        elif entry.is_dir():
+            skipped.append(f"{prefix}{entry.name}")
+    return names
+
+
+def _stable_number(text: str) -> int:
+    """A number that depends on ``text`` only (unlike ``hash``, the same in every process)."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+
+
+def hold_out_validation(
+    refs: Sequence[tuple],
+    classes: Sequence[str],
+    *,
+    val_fraction: float,
+    seed: int,
+    class_dir: Callable[[str], str],
+    held_out_from: str,
+) -> tuple[list[tuple], list[tuple], dict[str, Any]]:
+    """(train, val, record): ``val_fraction`` of each class's ("file", path, label, key) refs.
+
+    Stratified (every class keeps at least one image on each side) and seeded
+    per class name, so adding a class leaves the other classes' splits alone.
+    A class with fewer than MIN_IMAGES_TO_SPLIT images cannot be split: all such
+    classes are named, with their folders, in one SourceError.
+    """
+    by_label: dict[int, list[tuple]] = collections.defaultdict(list)
+    for ref in refs:
+        by_label[ref[2]].append(ref)
+    counts = [len(by_label[label]) for label in range(len(classes))]
+    too_few = [
+        f"{class_dir(name)} ({n} image{'' if n == 1 else 's'})"
+        for name, n in zip(classes, counts, strict=True)
+        if n < MIN_IMAGES_TO_SPLIT
+    ]
+    if too_few:
+        raise SourceError(
+            f"cannot hold out validation images (--val_fraction={val_fraction}): each class "
+            f"needs at least {MIN_IMAGES_TO_SPLIT} images, one to train on and one to validate, "
+            f"but {len(too_few)} {'has' if len(too_few) == 1 else 'have'} fewer: "
+            f"{', '.join(too_few)}. Add images to those folders "
+            "or remove them, or give validation images of your own (ROOT/train/<class>/ and "
+            "ROOT/val/<class>/)"
+        )
+    train, val, per_class = [], [], {}
+    for label, name in enumerate(classes):
+        class_refs = by_label[label]
+        n = len(class_refs)
+        num_val = min(n - 1, max(1, int(n * val_fraction + 0.5)))
+        rng = np.random.default_rng([seed, _stable_number(name)])
+        chosen = set(rng.permutation(n)[:num_val].tolist())
+        val += [r for i, r in enumerate(class_refs) if i in chosen]
+        train += [r for i, r in enumerate(class_refs) if i not in chosen]
+        per_class[name] = {"train": n - num_val, "val": num_val}
+    record = {
+        "held_out_from": held_out_from,
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "stratified": True,
+        "per_class": per_class,
+    }
+    logging.info(
+        "No val/ folder: held out %d of %d images for validation (%.0f%% of each class, seed %d)",
+        len(val),
+        len(refs),
+        100 * val_fraction,
+        seed,
+    )
+    return train, val, record
 
 
 def _image_names(directory: str, prefix: str, skipped: list[str]) -> list[str]:
@@ -212,25 +319,31 @@ def _list_tars(spec: SourceSpec, splits: Sequence[str]) -> SourceListing:
     return SourceListing(spec, classes, items, dict(unknown), dict(skipped))
 
 
-def _list_folder(spec: SourceSpec, splits: Sequence[str]) -> SourceListing:
+def _list_folder(
+    spec: SourceSpec, splits: Sequence[str], val_fraction: float, split_seed: int
+) -> SourceListing:
     train_dir = os.path.join(spec.location, "train")
+    expected = "expected train/<class>/*.jpg (and val/<class>/*.jpg, or none: --val_fraction)"
     if not os.path.isdir(train_dir):
-        raise SourceError(f"{train_dir} is missing: expected train/<wnid>/*.JPEG")
-    wnids = sorted(e.name for e in os.scandir(train_dir) if e.is_dir())
+        raise SourceError(f"{train_dir} is missing: {expected}")
+    skipped: dict[str, list[str]] = collections.defaultdict(list)
+    wnids = _class_folders(train_dir, "train/", [])  # Hidden ones are reported below.
     if not wnids:
-        raise SourceError(f"{train_dir} has no class folders: expected train/<wnid>/*.JPEG")
+        raise SourceError(f"{train_dir} has no class folders: {expected}")
     classes = class_order(wnids)
     label_of = {wnid: i for i, wnid in enumerate(classes)}
     items: dict[str, list[tuple]] = {}
     unknown: dict[str, list[tuple[str, str]]] = collections.defaultdict(list)
-    skipped: dict[str, list[str]] = collections.defaultdict(list)
+    hold_out = "val" in splits and not os.path.isdir(os.path.join(spec.location, "val"))
     for split in splits:
+        if split == "val" and hold_out:
+            continue
         root = os.path.join(spec.location, split)
         if not os.path.isdir(root):
             raise SourceError(f"{root} is missing (or leave {split!r} out of --splits)")
         items[split] = []
         entries = sorted(os.scandir(root), key=lambda e: e.name)
-        subdirs = [e.name for e in entries if e.is_dir()]
+        subdirs = _class_folders(root, f"{split}/", skipped[split])
         if subdirs:
             skipped[split] += [f"{split}/{e.name}" for e in entries if not e.is_dir()]
             for wnid in subdirs:
@@ -252,7 +365,47 @@ def _list_folder(spec: SourceSpec, splits: Sequence[str]) -> SourceListing:
                     items[split].append(("file", os.path.join(root, name), label_of[wnid], key))
                 else:
                     unknown[split].append((key, f"no known label for {name!r} ({wnid})"))
-    return SourceListing(spec, classes, items, dict(unknown), dict(skipped))
+    val_split = None
+    if hold_out:
+        items["train"], items["val"], val_split = hold_out_validation(
+            items["train"],
+            classes,
+            val_fraction=val_fraction,
+            seed=split_seed,
+            class_dir=lambda c: os.path.join(train_dir, c),
+            held_out_from="train/",
+        )
+    return SourceListing(spec, classes, items, dict(unknown), dict(skipped), val_split)
+
+
+def _list_class_folders(
+    spec: SourceSpec, splits: Sequence[str], val_fraction: float, split_seed: int
+) -> SourceListing:
+    """ROOT/<class>/*: every image is listed under train, then val is held out of it."""
+    root = spec.location
+    skipped: dict[str, list[str]] = collections.defaultdict(list)
+    folders = _class_folders(root, "", skipped["train"])
+    loose = sorted(e.name for e in os.scandir(root) if not e.is_dir())
+    skipped["train"] += [n for n in loose if not _is_image_name(n)]
+    outside = "an image outside the class folders: move it into ROOT/<class>/ to use it"
+    unknown = {"train": [(n, outside) for n in loose if _is_image_name(n)]}
+    classes = class_order(folders)
+    refs = [
+        ("file", os.path.join(root, name, image), label, f"{name}/{image}")
+        for label, name in enumerate(classes)
+        for image in _image_names(os.path.join(root, name), name, skipped["train"])
+    ]
+    items, val_split = {"train": refs}, None
+    if "val" in splits:
+        items["train"], items["val"], val_split = hold_out_validation(
+            refs,
+            classes,
+            val_fraction=val_fraction,
+            seed=split_seed,
+            class_dir=lambda c: os.path.join(root, c),
+            held_out_from="class folders",
+        )
+    return SourceListing(spec, classes, items, unknown, dict(skipped), val_split)
 
 
 def _list_tfds(spec: SourceSpec, splits: Sequence[str]) -> SourceListing:
@@ -276,9 +429,38 @@ def _list_tfds(spec: SourceSpec, splits: Sequence[str]) -> SourceListing:
     return SourceListing(spec, classes, items, {})
 
 
-def list_source(spec: SourceSpec, splits: Sequence[str]) -> SourceListing:
-    lister = {"tars": _list_tars, "folder": _list_folder, "tfds": _list_tfds}[spec.kind]
+def list_source(
+    spec: SourceSpec,
+    splits: Sequence[str],
+    *,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    split_seed: int = 0,
+) -> SourceListing:
+    """The source's images per split; folders without val/ get a held-out one."""
+    if spec.kind == "folder":
+        return _list_folder(spec, splits, val_fraction, split_seed)
+    if spec.kind == "class_folders":
+        return _list_class_folders(spec, splits, val_fraction, split_seed)
+    lister = {"tars": _list_tars, "tfds": _list_tfds}[spec.kind]
     return lister(spec, splits)
+
+
+def default_name(spec: SourceSpec, classes: Sequence[str]) -> str:
+    """The dataset's name in metadata.json: imagenet2012 for ILSVRC, else the source's name."""
+    if spec.kind == "tars" or (
+        spec.kind in ("folder", "class_folders")
+        and len(classes) == 1000
+        and _all_wnids(classes)
+        and set(classes) == set(ilsvrc2012_wnids())
+    ):
+        return "imagenet2012"
+    if spec.kind == "tfds" and not os.path.isdir(spec.location):
+        return spec.location  # The registered name, e.g. imagenet2012.
+    info = os.path.join(spec.location, "dataset_info.json")
+    if spec.kind == "tfds" and os.path.exists(info):
+        with open(info) as f:
+            return json.load(f).get("name") or os.path.basename(spec.location.rstrip("/"))
+    return os.path.basename(spec.location.rstrip("/"))
 
 
 # ---------------------------------------------------------------------------
@@ -509,6 +691,8 @@ def _fingerprint(listing: SourceListing, examples_per_shard: int) -> str:
     """Identifies the plan (inputs, order, sharding), so a resume never mixes two plans."""
     h = hashlib.sha256()
     h.update(json.dumps([listing.spec.kind, examples_per_shard, listing.classes]).encode())
+    if listing.val_split is not None:  # Only then: older fingerprints stay valid.
+        h.update(json.dumps(listing.val_split, sort_keys=True).encode())
     for split in sorted(listing.items):
         h.update(split.encode())
         for ref in listing.items[split]:
@@ -525,13 +709,16 @@ def prepare(
     num_workers: int | None = None,
     class_names_file: str | None = None,
     tfds_data_dir: str | None = None,
-    name: str = "imagenet2012",
+    name: str | None = None,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    split_seed: int = 0,
 ) -> dict[str, Any]:
     """Prepares ``source`` into ``output_dir``; returns the metadata (with the summary).
 
     ``num_workers`` processes prepare shards in parallel (None: one per core;
     0: in this process). Finished shards from an earlier run with the same
-    plan are kept.
+    plan are kept. ``name`` (None: ``default_name``) is the dataset's name in
+    metadata.json; ``val_fraction`` and ``split_seed`` apply to folders without val/.
     """
     if "train" not in splits:
         raise SourceError("--splits must include 'train': the statistics come from it")
@@ -540,9 +727,17 @@ def prepare(
         raise SourceError(f"--splits has {sorted(unknown_splits)}; accepted: {SPLITS}")
     if examples_per_shard < 1:
         raise ValueError(f"examples_per_shard = {examples_per_shard} must be >= 1")
+    if not 0 < val_fraction < 1:
+        raise SourceError(
+            f"--val_fraction={val_fraction} must be in (0, 1), e.g. 0.2; to prepare no "
+            "validation split, pass --splits=train"
+        )
+    if split_seed < 0:
+        raise SourceError(f"--split_seed={split_seed} must be >= 0")
     start = time.time()
     spec = detect_source(source, tfds_data_dir)
-    listing = list_source(spec, splits)
+    listing = list_source(spec, splits, val_fraction=val_fraction, split_seed=split_seed)
+    name = name or default_name(spec, listing.classes)
     fingerprint = _fingerprint(listing, examples_per_shard)
     output_dir = os.path.abspath(os.path.expanduser(output_dir))
     existing = records.read_metadata(output_dir)
@@ -668,8 +863,11 @@ def _finish(
         "image_size": writer.PREPARED_SIZE,
         "jpeg_quality": writer.JPEG_QUALITY,
         "classes": [{"id": wnid, "name": class_names.get(wnid, wnid)} for wnid in listing.classes],
-        "standard_ilsvrc2012_order": listing.classes == ilsvrc2012_wnids(),
+        "standard_ilsvrc2012_order": len(listing.classes) == 1000
+        and _all_wnids(listing.classes)
+        and listing.classes == ilsvrc2012_wnids(),
         "splits": splits,
+        **({"val_split": listing.val_split} if listing.val_split is not None else {}),
         **stats.to_metadata(output_dir),
         "bad_files": bad_files,
         # Not image files by their extension, so never read: how many, and a few of them.
@@ -717,6 +915,15 @@ def define_flags() -> None:
     flags.DEFINE_integer("num_workers", None, "Worker processes (default: one per core; 0: none).")
     flags.DEFINE_string("class_names_file", None, "Optional 'wnid name' lines for class names.")
     flags.DEFINE_string("tfds_data_dir", None, "tfds data_dir for --source=tfds:<name>.")
+    flags.DEFINE_string(
+        "name", None, "Dataset name in metadata.json (default: imagenet2012, or the folder's name)."
+    )
+    flags.DEFINE_float(
+        "val_fraction",
+        DEFAULT_VAL_FRACTION,
+        "Without a val/ folder: this share of each class is held out for validation.",
+    )
+    flags.DEFINE_integer("split_seed", 0, "Seed of that held-out split (recorded in metadata).")
 
 
 def main(argv: Sequence[str]) -> int:
@@ -736,6 +943,9 @@ def _run(argv: Sequence[str]) -> int:
             num_workers=FLAGS.num_workers,
             class_names_file=FLAGS.class_names_file,
             tfds_data_dir=FLAGS.tfds_data_dir,
+            name=FLAGS.name,
+            val_fraction=FLAGS.val_fraction,
+            split_seed=FLAGS.split_seed,
         )
     except WorkerError as e:  # A broken worker: the run stops with what it knows.
         sys.exit(f"error: {e}")

@@ -24,7 +24,7 @@ class SourceError(ValueError):
 class SourceSpec:
     """What worker processes need to open the source (picklable, small)."""
 
-    kind: str  # "tars", "folder" or "tfds"
+    kind: str  # "tars", "folder" (train/ and val/), "class_folders" (<class>/) or "tfds"
     location: str  # The directory, or the tfds dataset name.
     tfds_data_dir: str | None = None
 
