@@ -4,6 +4,8 @@ import json
 import os
 import subprocess
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "alexnet_jax", "benchmarks", "gpu.sh")
 STAGES = ("install", "environment", "train_step_f32", "train_step_bf16", "input_pipeline")
@@ -14,6 +16,7 @@ def _summary(stdout: str) -> dict[str, str]:
     return dict(line.strip().split(": ", 1) for line in lines if ": " in line)
 
 
+@pytest.mark.slow  # Every stage of gpu.sh, compiles included: about a minute on 2 cores.
 def test_smoke_runs_every_stage_on_cpu(tmp_path):
     result = subprocess.run(
         ["bash", SCRIPT, "--smoke", f"--log_dir={tmp_path}"],

@@ -324,6 +324,7 @@ def test_predict_top5_equals_torchs_on_a_saved_image(torchvision_import, photo):
     )
 
 
+@pytest.mark.slow  # Exports the full-size net (245 MB) and draws its filters.
 def test_export_and_visualize_read_the_imported_workdir(torchvision_import, photo):
     _, workdir = torchvision_import
     trained = inference.load_trained(workdir)

@@ -112,6 +112,7 @@ def variant_results(tmp_path_factory):
     return _run_worker("variants", tmp_path_factory.mktemp("variants"))
 
 
+@pytest.mark.slow  # Two more networks compiled on 1 and 2 fake devices: ~2 minutes.
 @pytest.mark.parametrize("variant", ["torchvision", "bvlc_alexnet"])
 def test_other_variants_step_data_parallel_as_on_one_device(variant_results, variant):
     cases = variant_results["cases"]
