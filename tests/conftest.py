@@ -75,3 +75,46 @@ def tiny_launch_flags(data_dir: str, workdir, **overrides) -> list[str]:
     return ["--config=configs/demo.py", f"--workdir={workdir}"] + [
         f"--config.{k}={v}" for k, v in fields.items()
     ]
+
+
+@pytest.fixture(scope="session")
+def fixed_batch_fit(tiny_demo_dir):
+    """12 train steps of the demo's net on one fixed batch: losses, final step and lr.
+
+    No dropout, and a learning rate low enough that the fit is smooth (at the demo's
+    0.01 the first steps are chaotic: float rounding on another CPU changes where they go).
+    """
+    from alexnet_jax import inference, optim, train
+    from alexnet_jax.data import pipeline
+
+    config = tiny_config(tiny_demo_dir)
+    config.model.dropout_rate = 0.0
+    config.optim.learning_rate = 0.003
+    net = inference.build_model(config)
+    optimizer = optim.make_optimizer(config.optim)
+    state = train.init_state(net, optimizer, seed=0)
+    dataset = pipeline.open_dataset(tiny_demo_dir, how_to_prepare="(test data)")
+    batch = next(
+        pipeline.train_iterator(
+            dataset,
+            batch_size=16,
+            seed=0,
+            preprocessing=pipeline.Preprocessing.paper(dataset, 1 / 64),
+            loading=pipeline.Loading(num_threads=1),
+        )
+    )
+    # The demo's schedule is in epochs; 12 steps stay before its drop.
+    schedule = optim.learning_rate_schedule(
+        config.optim, batch_size=16, steps_per_epoch=100, total_steps=1000
+    )
+    step = train.jit_train_step(net, optimizer, schedule)
+    losses = []
+    for _ in range(12):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    return {
+        "losses": losses,
+        "step": int(state.step),
+        "learning_rate": float(metrics["learning_rate"]),
+        "configured_learning_rate": config.optim.learning_rate,
+    }

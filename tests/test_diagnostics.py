@@ -88,36 +88,11 @@ def test_without_a_known_peak_there_is_no_mfu_on_cpu():
     assert diagnostics.peak_tflops(2.0, "float32") == 2.0 * jax.device_count()
 
 
-def test_the_guard_stays_silent_on_the_demos_net_while_it_learns(tiny_demo_dir):
-    """The demo's he-init net fitting a fixed batch (as in test_train): real losses, no warning."""
-    from alexnet_jax import inference, optim
-    from alexnet_jax.data import pipeline
-
-    config = tiny_config(tiny_demo_dir)
-    config.model.dropout_rate = 0.0
-    config.optim.learning_rate = 0.003
-    net = inference.build_model(config)
-    optimizer = optim.make_optimizer(config.optim)
-    state = train.init_state(net, optimizer, seed=0)
-    dataset = pipeline.open_dataset(tiny_demo_dir, how_to_prepare="(test data)")
-    batch = next(
-        pipeline.train_iterator(
-            dataset,
-            batch_size=16,
-            seed=0,
-            preprocessing=pipeline.Preprocessing.paper(dataset, 1 / 64),
-            loading=pipeline.Loading(num_threads=1),
-        )
-    )
-    schedule = optim.learning_rate_schedule(
-        config.optim, batch_size=16, steps_per_epoch=100, total_steps=1000
-    )
-    step_fn = train.jit_train_step(net, optimizer, schedule)
+def test_the_guard_stays_silent_on_the_demos_net_while_it_learns(fixed_batch_fit):
+    """The demo's he-init net fitting a fixed batch (conftest): real losses, no warning."""
     guard = _guard(after_steps=8)
-    losses = []
-    for step in range(1, 13):
-        state, metrics = step_fn(state, batch)
-        losses.append(float(metrics["loss"]))
-        guard.observe_loss(step, losses[-1])
+    losses = fixed_batch_fit["losses"]
+    for step, loss in enumerate(losses, start=1):
+        guard.observe_loss(step, loss)
     assert guard.warned == [], losses
     assert losses[-1] < 0.9 * math.log(10), losses  # It did learn.
