@@ -279,7 +279,11 @@ FIELDS: tuple[Field, ...] = (
     ),
     # Optimizer and learning-rate schedule (alexnet_jax/optim.py).
     Field(
-        "optim.name", "sgd", one_of("sgd", "lars"), "sgd (the paper's rule) or lars (big batch)."
+        "optim.name",
+        "sgd",
+        one_of("sgd", "lars"),
+        "sgd (the paper's rule) or lars (big batch).",
+        fixed_on_resume=True,
     ),
     Field("optim.learning_rate", 0.01, number(0, low_open=True), "Base learning rate."),
     Field(
@@ -320,7 +324,13 @@ FIELDS: tuple[Field, ...] = (
         "lars: a layer's step is this times ||w|| / ||g||.",
     ),
     Field("optim.weight_decay", 5e-4, number(0), "Applied to all weights, as in the paper."),
-    Field("optim.weight_decay_on_biases", True, BOOLEAN, "The paper decays biases too."),
+    Field(
+        "optim.weight_decay_on_biases",
+        True,
+        BOOLEAN,
+        "The paper decays biases too.",
+        fixed_on_resume=True,
+    ),
     Field(
         "optim.frozen_layers",
         (),

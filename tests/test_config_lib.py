@@ -137,6 +137,8 @@ def test_fine_tuning_fields_are_checked_and_freezing_is_kept_on_resume():
     config_lib.validate(config)
     assert (
         *config_lib.MODEL_DEFINING_FIELDS,
+        "optim.name",
+        "optim.weight_decay_on_biases",
         "optim.frozen_layers",
     ) == config_lib.RESUME_FIXED_FIELDS
 

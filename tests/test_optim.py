@@ -87,3 +87,56 @@ def test_frozen_layers_keep_their_bits_and_have_no_optimizer_state(name):
     plain = optim.make_optimizer(config)
     updates, _ = plain.update(grads, optim.with_learning_rate(plain.init(params), 0.1), params)
     assert float(jnp.abs(updates["conv1"]["kernel"]).min()) > 0
+
+
+# Another accepted value of every optim.* field (the test below fails on a new field until it
+# is listed here).
+_OTHER_OPTIM_VALUES = {
+    "optim.name": "lars",
+    "optim.learning_rate": 0.02,
+    "optim.lr_reference_batch_size": 256,
+    "optim.schedule": "warmup_cosine",
+    "optim.lr_decay_factor": 0.5,
+    "optim.plateau_patience": 5,
+    "optim.plateau_max_reductions": 1,
+    "optim.plateau_min_delta": 0.01,
+    "optim.lr_step_epochs": (10, 20),
+    "optim.warmup_epochs": 1.0,
+    "optim.momentum": 0.8,
+    "optim.lars_trust_coefficient": 0.01,
+    "optim.weight_decay": 1e-4,
+    "optim.weight_decay_on_biases": False,
+    "optim.frozen_layers": ("conv1",),
+}
+
+
+def test_every_field_that_changes_the_optimizer_states_shape_is_fixed_on_resume():
+    """A resume restores the saved optimizer state into the current config's: their trees match.
+
+    So a field whose change alters that tree must be checked before restoring
+    (config_lib.RESUME_FIXED_FIELDS: a clear error naming it, not orbax's).
+    """
+    from alexnet_jax import config_lib
+
+    optim_fields = {f.name for f in config_lib.FIELDS if f.name.startswith("optim.")}
+    assert set(_OTHER_OPTIM_VALUES) == optim_fields
+    params = {
+        layer: {"kernel": jax.ShapeDtypeStruct((3, 4), jnp.float32),
+                "bias": jax.ShapeDtypeStruct((4,), jnp.float32)}
+        for layer in ("conv1", "fc8")
+    }  # fmt: skip
+
+    def state_tree(optim_config):
+        state = jax.eval_shape(optim.make_optimizer(optim_config).init, params)
+        return jax.tree.structure(state), [(x.shape, x.dtype) for x in jax.tree.leaves(state)]
+
+    reference = state_tree(config_lib.defaults().optim)
+    shaping = []
+    for name, value in _OTHER_OPTIM_VALUES.items():
+        config = config_lib.defaults()
+        config.optim[name.split(".")[1]] = value
+        config_lib.validate(config)
+        if state_tree(config.optim) != reference:
+            shaping.append(name)
+    assert "optim.frozen_layers" in shaping  # The check can see a change.
+    assert set(shaping) <= set(config_lib.RESUME_FIXED_FIELDS), shaping
