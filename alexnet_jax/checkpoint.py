@@ -49,6 +49,10 @@ class ConfigMismatchError(config_lib.ConfigError):
     """A relaunch changes config fields that define the model."""
 
 
+class ParamsOnlyCheckpointError(config_lib.ConfigError):
+    """A workdir of weights alone (``import_weights``): no training state to resume."""
+
+
 def _best_metric(metrics: Mapping[str, float]) -> float:
     value = metrics.get(BEST_METRIC) if metrics else None
     return math.inf if value is None else float(value)
@@ -270,6 +274,17 @@ class Checkpointer:
             reason = " ".join(str(e).split())[:300]
             raise CheckpointSaveError(f"Saving to {self.directory} failed: {reason}") from None
 
+    def holds_params_only(self, step: int) -> bool:
+        """Whether ``step`` was written by ``save_params`` (from its fingerprint, no arrays)."""
+        try:
+            restored = self.manager.restore(
+                step, args=ocp.args.Composite(fingerprint=ocp.args.JsonRestore())
+            )
+        except Exception:  # noqa: BLE001 - unreadable: the full restore reports it.
+            return False
+        keys = restored.fingerprint or {}
+        return bool(keys) and all(k.startswith(".params") for k in keys)
+
     def saved_config(self, step: int) -> dict[str, Any]:
         """The config JSON saved with ``step``."""
         restored = self.manager.restore(
@@ -356,6 +371,14 @@ class Checkpointer:
             return None
 
         def attempt(step: int) -> Any:
+            if self.holds_params_only(step):
+                raise ParamsOnlyCheckpointError(
+                    f"The checkpoint at step {step} in {self.directory} holds weights alone "
+                    "(imported, no optimizer or data state), so training cannot resume it. "
+                    "Train from those weights in a new workdir: python launch.py "
+                    f"--config=configs/finetune.py --config.init_from={self.workdir} "
+                    f"--config.init_from_step={step} --workdir=NEW_DIR"
+                )
             changes = model_config_changes(self.saved_config(step), current)
             if changes:
                 raise ConfigMismatchError(
@@ -371,7 +394,7 @@ class Checkpointer:
             steps,
             attempt,
             self.directory,
-            reraise=(ConfigMismatchError,),
+            reraise=(ConfigMismatchError, ParamsOnlyCheckpointError),
             advice="Move the directory away to start a new run, or fix the files.",
         )
         for bad_step, _ in failures:

@@ -141,6 +141,25 @@ def test_no_usable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
     assert ckpt.all_steps() == [1, 2]  # Nothing moved: the user decides.
 
 
+def test_a_workdir_of_imported_weights_is_not_resumed_and_not_moved(tmp_path):
+    """Weights alone (import_weights) cannot restart training: the error says how to use them."""
+    ckpt = checkpoint.Checkpointer(str(tmp_path))
+    params = {"fc8": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}
+    ckpt.save_params(0, params, config=_small_config())
+    assert ckpt.holds_params_only(0)
+    with pytest.raises(checkpoint.ParamsOnlyCheckpointError, match="init_from=") as raised:
+        ckpt.restore_latest_usable(
+            jax.eval_shape(lambda: {"params": params, "opt_state": jnp.zeros(3)}),
+            _iterator(),
+            _small_config(),
+        )
+    assert str(tmp_path) in str(raised.value) and "configs/finetune.py" in str(raised.value)
+    assert ckpt.all_steps() == [0]  # Nothing moved to checkpoints_unusable/.
+    assert not (tmp_path / checkpoint.QUARANTINE_DIR).exists()
+    # A training checkpoint is not mistaken for one.
+    assert not _save_steps(str(tmp_path / "run"), [1]).holds_params_only(1)
+
+
 def test_keeps_the_last_k_and_the_best_by_validation_error(tmp_path):
     errors = [0.9, 0.5, 0.7, 0.6, 0.8, 0.75]
     ckpt = _save_steps(str(tmp_path), [1, 2, 3, 4, 5, 6], errors=errors, keep=2)
