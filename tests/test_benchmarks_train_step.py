@@ -27,7 +27,10 @@ def tiny_config(**model_fields):
 
 def test_benchmark_prints_its_fields(capsys):
     config = tiny_config()
-    out = train_step.run(config, [2], steps=1, frameworks=("jax",), matmul_size=128)
+    out = train_step.run(
+        config, [2], steps=1, frameworks=("jax",), matmul_size=128, skip_layers=True,
+        skip_eval=True,
+    )  # fmt: skip
     text = capsys.readouterr().out
     for pattern in (
         r"host CPU: .*; avx512f (yes|no), avx512_bf16 (yes|no), amx_tile (yes|no), amx_bf16",
@@ -43,6 +46,20 @@ def test_benchmark_prints_its_fields(capsys):
         rf"peak resident memory: {NUMBER} MiB \(process, after batch 2; holds jax;",
         r"\[torch\] batch 2: skipped",
         r"\[torch_compile\] batch 2: skipped",
+    ):
+        assert re.search(pattern, text), f"missing {pattern!r} in:\n{text}"
+    row = out["batches"][2]
+    assert row["images_per_s"] > 0 and row["compile_s"] > 0
+    assert row["gflops"] == pytest.approx(row["images_per_s"] * out["train_gflop_per_image"])
+    assert out["params"] == 227_314  # The 1/16-width net with 10 classes.
+    assert config.batch_size == 128  # The caller's config is not changed.
+
+
+@pytest.mark.slow  # The per-layer table compiles each layer's forward and backward: ~1 minute.
+def test_benchmark_prints_the_eval_rates_and_the_per_layer_table(capsys):
+    out = train_step.run(tiny_config(), [2], steps=1, frameworks=("jax",), matmul_size=128)
+    text = capsys.readouterr().out
+    for pattern in (
         rf"\[eval\] centre crop: {NUMBER} images/s .*10 crops: {NUMBER} images/s",
         r"per-layer times, batch 2",
         r"whole train step",
@@ -54,11 +71,6 @@ def test_benchmark_prints_its_fields(capsys):
         "fc6", "fc7", "fc8",
     ]  # fmt: skip
     assert all(fwd > 0 and both > 0 for _, _, fwd, both in out["layers"])
-    row = out["batches"][2]
-    assert row["images_per_s"] > 0 and row["compile_s"] > 0
-    assert row["gflops"] == pytest.approx(row["images_per_s"] * out["train_gflop_per_image"])
-    assert out["params"] == 227_314  # The 1/16-width net with 10 classes.
-    assert config.batch_size == 128  # The caller's config is not changed.
 
 
 def test_bfloat16_compute_runs_both_frameworks(capsys):

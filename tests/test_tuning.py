@@ -88,6 +88,30 @@ def test_conv_batch_chunks_divide_the_batch_evenly():
     assert tuning.conv_batch_chunks(128, 0) == 1  # 0 = whole batch.
 
 
+def _schedule_loss(params, net, images):
+    labels = jnp.arange(images.shape[0]) % 10
+    logits = net.apply(
+        {"params": params}, images, train=True, rngs={"dropout": jax.random.PRNGKey(2)}
+    )
+    return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(images.shape[0]), labels]), logits
+
+
+def _loss_and_gradients(net, params, images):
+    """Under jit: one compile per schedule instead of thousands of single-op dispatches."""
+    value_and_grad = jax.value_and_grad(_schedule_loss, has_aux=True)
+    return jax.jit(lambda p, x: value_and_grad(p, net, x))(params, images)
+
+
+@pytest.fixture(scope="module")
+def plain_network_reference():
+    """The plain network's params, images, loss, logits and gradients, computed once."""
+    plain = AlexNet(num_classes=10, width=1 / 16, init_scheme="he")
+    images = jax.random.normal(jax.random.PRNGKey(1), (6, 224, 224, 3))
+    init = jax.jit(functools.partial(plain.init, train=False))
+    params = init({"params": jax.random.PRNGKey(0)}, images)["params"]
+    return plain, images, params, _loss_and_gradients(plain, params, images)
+
+
 @pytest.mark.parametrize(
     "kernels",
     [
@@ -97,21 +121,12 @@ def test_conv_batch_chunks_divide_the_batch_evenly():
     ],
     ids=["cpu_eigen_chunks_of_one", "cpu_ynnpack_whole_batch", "plain_chunks_of_two"],
 )
-def test_every_schedule_gives_the_plain_networks_logits_and_gradients(kernels):
-    plain = AlexNet(num_classes=10, width=1 / 16, init_scheme="he")
+def test_every_schedule_gives_the_plain_networks_logits_and_gradients(
+    kernels, plain_network_reference
+):
+    plain, images, params, ((loss_p, logits_p), grads_p) = plain_network_reference
     tuned = plain.clone(kernels=kernels)
-    images = jax.random.normal(jax.random.PRNGKey(1), (6, 224, 224, 3))
-    labels = jnp.arange(6) % 10
-    params = plain.init({"params": jax.random.PRNGKey(0)}, images, train=False)["params"]
-
-    def loss(params, net):
-        logits = net.apply(
-            {"params": params}, images, train=True, rngs={"dropout": jax.random.PRNGKey(2)}
-        )
-        return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(6), labels]), logits
-
-    (loss_p, logits_p), grads_p = jax.value_and_grad(loss, has_aux=True)(params, plain)
-    (loss_t, logits_t), grads_t = jax.value_and_grad(loss, has_aux=True)(params, tuned)
+    (loss_t, logits_t), grads_t = _loss_and_gradients(tuned, params, images)
     # The same logits, loss and (summed) gradients, in the examples' order.
     np.testing.assert_allclose(logits_t, logits_p, rtol=1e-5, atol=1e-5)
     assert float(loss_t) == pytest.approx(float(loss_p), rel=1e-5)
