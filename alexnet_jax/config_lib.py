@@ -136,8 +136,13 @@ FIELDS: tuple[Field, ...] = (
     ),
     Field("data.demo_train_per_class", 300, integer(1), "demo: training images per class."),
     Field("data.demo_val_per_class", 50, integer(1), "demo: validation images per class."),
-    Field("data.num_workers", 0, integer(0), "grain worker processes decoding; 0 = in-process."),
-    Field("data.num_threads", 2, integer(1), "grain reader threads per process."),
+    Field(
+        "data.num_workers",
+        -1,
+        integer(-1, note=" (-1: auto)"),
+        "Worker processes decoding; 0 = in-process; -1 = auto: none on CPU, cores - 1 on GPU/TPU.",
+    ),
+    Field("data.num_threads", 2, integer(1), "Threads per process, each building whole batches."),
     Field("data.prefetch", 0, integer(0), "Records decoded ahead per process; 0 = two batches."),
     Field(
         "data.input_scale",

@@ -33,7 +33,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from alexnet_jax import checkpoint, cli, inference, metrics, progress, sharding, tuning
-from alexnet_jax.data import augment, pipeline, writer
+from alexnet_jax.data import augment, device_augment, pipeline, writer
 
 CENTRE_VIEW = augment.TEN_CROP_POSITIONS.index("centre")  # The centre patch among the ten.
 # The paper's Table 2 (ILSVRC-2012 validation set): shown beside 1000-class results.
@@ -113,7 +113,8 @@ def _mean_views(member: Member, *, ten_crop: bool) -> np.ndarray:
 def make_batch_fn(members: Sequence[Member], *, ten_crop: bool):
     """Jitted (params, mean views, batch) -> summed top-1/top-5 errors of every row of the table.
 
-    ``batch["images"]`` is B x V x crop x crop x 3 raw pixels (V = 10 or 1).
+    ``batch["images"]`` is uint8: B x 1 x crop x crop x 3 centre patches, or with
+    ``ten_crop`` the whole B x H x W x 3 images, cut into the ten views here.
     Result keys: "<member index>/<crops>/<k>" and "ensemble/<crops>/<k>",
     with crops "centre" or "ten", plus "count".
     """
@@ -123,7 +124,10 @@ def make_batch_fn(members: Sequence[Member], *, ten_crop: bool):
     # One program for all members: the first member's config picks the XLA options.
     @jax.jit
     def batch_errors(params_list, means_list, batch):
-        views = batch["images"].astype(jnp.float32)
+        views = batch["images"]
+        if ten_crop:
+            views = device_augment.ten_views(views, means_list[0].shape[-2])
+        views = views.astype(jnp.float32)
         b, v = views.shape[:2]
         labels, mask = batch["labels"], batch["mask"]
         probabilities: dict[str, list[jax.Array]] = {"centre": [], "ten": []}
@@ -163,6 +167,7 @@ def evaluate_members(
     batch_size: int = 64,
     max_examples: int = 0,
     num_threads: int = 2,
+    num_workers: int = -1,
     progress_every_s: float = 10.0,
 ) -> dict[str, Any]:
     """One pass over ``split``; returns the report (see ``format_table`` and the JSON file)."""
@@ -181,11 +186,12 @@ def evaluate_members(
             f"the models see crops of different sizes ({sorted(crop_sizes)}, "
             "config.data.crop_size): evaluate them one at a time"
         )
-    raw_pixels = pipeline.Preprocessing(  # Decode and crop only; each model subtracts its mean.
+    raw_pixels = pipeline.Preprocessing(  # uint8 pixels; each model subtracts its own mean.
         mean=np.zeros((writer.PREPARED_SIZE, writer.PREPARED_SIZE, 3), np.float32),
         eigenvalues=None,
         eigenvectors=None,
         crop_size=crop_sizes.pop(),
+        finish_on_device=True,
     )
     splits = sorted(dataset.metadata["splits"])
     if split not in splits:
@@ -202,7 +208,9 @@ def evaluate_members(
         batch_size=batch_size,
         preprocessing=raw_pixels,
         ten_crop=ten_crop,
-        loading=pipeline.Loading(num_threads=num_threads),
+        loading=pipeline.Loading(
+            num_workers=tuning.input_workers(num_workers), num_threads=num_threads
+        ),
         split=split,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
@@ -231,6 +239,7 @@ def evaluate_members(
             totals[key] = totals.get(key, 0.0) + float(np.asarray(value.addressable_data(0)))
         seen += keep * jax.process_count()
         shown.update(keep * jax.process_count())
+    iterator.close()
     count = max(totals.pop("count", 0.0), 1.0)
 
     rows = []
@@ -312,7 +321,10 @@ def define_flags() -> None:
     flags.DEFINE_string("split", "val", "Split of the prepared dataset.")
     flags.DEFINE_integer("batch_size", 64, "Images per forward pass (all devices).")
     flags.DEFINE_integer("max_examples", 0, "Evaluate only this many images (0: all).")
-    flags.DEFINE_integer("num_threads", 2, "Decoding threads.")
+    flags.DEFINE_integer("num_threads", 2, "Decoding threads per process.")
+    flags.DEFINE_integer(
+        "num_workers", -1, "Decoding worker processes (-1: auto, none on CPU; 0: in-process)."
+    )
     flags.DEFINE_string(
         "output",
         None,
@@ -354,6 +366,8 @@ def _run(argv: Sequence[str]) -> int:
         raise app.UsageError("Give --workdir=DIR (and optionally more workdirs as arguments)")
     if FLAGS.batch_size < 1:
         raise app.UsageError("--batch_size must be >= 1")
+    if FLAGS.num_workers < -1:
+        raise app.UsageError("--num_workers must be -1 (auto), 0 (in-process) or more")
     tuning.configure_process()  # Before JAX starts its backends.
     members = load_members(workdirs, which=FLAGS.checkpoint, data_dir=FLAGS.data_dir)
     report = evaluate_members(
@@ -363,6 +377,7 @@ def _run(argv: Sequence[str]) -> int:
         batch_size=FLAGS.batch_size,
         max_examples=FLAGS.max_examples,
         num_threads=FLAGS.num_threads,
+        num_workers=FLAGS.num_workers,
     )
     output = FLAGS.output or os.path.join(
         members[0].workdir,

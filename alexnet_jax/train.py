@@ -20,6 +20,7 @@ from alexnet_jax import (
     checkpoint,
     config_lib,
     diagnostics,
+    feed,
     finetune,
     flops,
     inference,
@@ -28,9 +29,8 @@ from alexnet_jax import (
     progress,
     run_control,
     sharding,
-    tuning,
 )
-from alexnet_jax.data import demo, device_augment, pipeline
+from alexnet_jax.data import demo, pipeline
 from alexnet_jax.model import AlexNet
 
 PREPARE_COMMAND = (
@@ -138,20 +138,9 @@ def evaluate(
     config: ml_collections.ConfigDict,
 ) -> dict[str, float]:
     """Mean loss and top-1/top-5 error over the validation split (centre crop)."""
-    shard_index, shard_count = sharding.process_data_shard(mesh)
-    local_batch = config.eval_batch_size // shard_count
     totals: dict[str, float] = {}
-    for local in pipeline.eval_iterator(
-        dataset,
-        batch_size=config.eval_batch_size,
-        loading=pipeline.Loading.from_config(config.data),
-        preprocessing=pipeline.Preprocessing.from_config(config.data, dataset),
-        process_index=shard_index,
-        process_count=shard_count,
-    ):
-        sums = jax.device_get(
-            eval_fn(params, sharding.global_batch(mesh, inference.pad_batch(local, local_batch)))
-        )
+    for batch in feed.validation_batches(config, dataset, mesh):
+        sums = jax.device_get(eval_fn(params, batch))
         for k, v in sums.items():
             totals[k] = totals.get(k, 0.0) + float(v)
     count = max(totals.pop("count", 0.0), 1.0)
@@ -309,20 +298,16 @@ def _train_and_evaluate(
         out_shardings=sharding.replicated(mesh),
     )
 
-    on_device = tuning.finish_augmentation_on_device(config.data.augment_on)
-    train_preprocessing = pipeline.Preprocessing.from_config(
-        config.data, dataset, finish_on_device=on_device
-    )
-    finish_batch = _batch_finisher(train_preprocessing, mesh) if on_device else None
-    train_iter = pipeline.train_iterator(
-        dataset,
-        batch_size=config.batch_size,
-        seed=config.seed,
-        loading=pipeline.Loading.from_config(config.data),
-        preprocessing=train_preprocessing,
-        # Processes on the same rows of the data axis read the same examples.
-        process_index=sharding.process_data_shard(mesh)[0],
-        process_count=sharding.process_data_shard(mesh)[1],
+    train_input = feed.train_input(config, dataset, mesh)
+    train_iter = train_input.iterator  # Checkpointed with the state.
+    logging.info(
+        "Input: %s, %d worker process(es) x %d thread(s)%s",
+        "uint8 crops finished on the device"
+        if train_input.preprocessing.finish_on_device
+        else "augmented on the host",
+        train_input.loading.num_workers,
+        train_input.loading.num_threads,
+        " (data.num_workers = -1: auto)" if config.data.num_workers < 0 else "",
     )
     ckpt = checkpoint.Checkpointer(
         workdir, save_every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints
@@ -386,9 +371,7 @@ def _train_and_evaluate(
     while step < total_steps:
         profiler.before_step(step + 1)
         data_start = time.time()
-        batch = sharding.global_batch(mesh, next(train_iter))
-        if finish_batch is not None:
-            batch = finish_batch(batch)
+        batch = next(train_input)
         data_seconds += time.time() - data_start
         state, step_metrics = train_fn(state, batch)
         profiler.after_step(step + 1, step_metrics)
@@ -494,25 +477,12 @@ def _train_and_evaluate(
             break
 
     profiler.close()
+    train_input.close()  # Stops the input's worker processes.
     ckpt.wait()
     _log_summary(step, eval_metrics, guard, time.time() - run_start, rates, ckpt.directory)
     ckpt.close()
     writer.close()
     return eval_metrics
-
-
-def _batch_finisher(preprocessing: pipeline.Preprocessing, mesh: jax.sharding.Mesh):
-    """A jitted ``device_augment.finish_training_batch`` with the mean image on the devices."""
-    mean = jax.device_put(np.asarray(preprocessing.mean, np.float32), sharding.replicated(mesh))
-    finish = jax.jit(
-        functools.partial(
-            device_augment.finish_training_batch,
-            scale=preprocessing.scale,
-            dtype=jnp.dtype(pipeline.numpy_dtype(preprocessing.dtype)),
-        ),
-        out_shardings=sharding.batch_sharding(mesh),
-    )
-    return lambda batch: finish(batch, mean)
 
 
 def _log_summary(

@@ -15,6 +15,9 @@ the *same values*, and picks them per backend:
   starts its backends: which library runs XLA:CPU's convolutions (through
   ``XLA_FLAGS``, so every jit in the process compiles the same way) and which
   host malloc the process should run with.
+* ``finish_augmentation_on_device`` and ``input_workers``: where the input's
+  float work runs and how many processes decode it, for ``config.data``'s
+  "auto" settings.
 
 Tests hold every schedule here equal to the plain one (values and gradients);
 the README's performance section holds the measurements behind each choice.
@@ -400,3 +403,25 @@ def finish_augmentation_on_device(setting: str, backend: str | None = None) -> b
     if setting == "auto":
         return (backend or jax.default_backend()) != "cpu"
     return setting == "device"
+
+
+# Cores kept for the training process itself when workers decode (dispatch, transfers).
+INPUT_CORES_KEPT = 1
+
+
+def input_workers(setting: int, backend: str | None = None, cores: int | None = None) -> int:
+    """``config.data.num_workers`` for this host: how many processes decode and crop.
+
+    -1 ("auto"): none on CPU, where XLA's step needs the same cores and the
+    in-process threads keep up with it; on GPU and TPU, one per core this
+    process may use (``os.sched_getaffinity``) but ``INPUT_CORES_KEPT``, since
+    per image the Python work holds the GIL and only processes scale with the
+    cores. Any other value is taken as it is.
+    """
+    if setting >= 0:
+        return setting
+    if (backend or jax.default_backend()) == "cpu":
+        return 0
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) - INPUT_CORES_KEPT)

@@ -1,10 +1,13 @@
 """The grain pipeline (alexnet_jax/data/pipeline.py): determinism, resume, sharding, dtypes."""
 
+import dataclasses
+import json
+
 import ml_dtypes
 import numpy as np
 import pytest
 
-from alexnet_jax import config_lib
+from alexnet_jax import config_lib, tuning
 from alexnet_jax.data import augment, pipeline, records
 from tests.conftest import tiny_config
 
@@ -28,10 +31,10 @@ def _train(dataset, *, num_threads=1, num_workers=0, preprocessing=None, **kwarg
     )
 
 
-def train_records(dataset, seed, process_index=0, process_count=1, *, batch_size=1):
-    """This process's raw training records, in the order train_iterator transforms them."""
+def train_records(dataset, seed, n):
+    """The first ``n`` raw records of the global training order."""
     ds = pipeline.shuffled_records(dataset, seed)
-    return pipeline.process_block(ds, batch_size, process_index, process_count)
+    return [ds[i] for i in range(n)]
 
 
 def test_same_seed_same_batches_whatever_the_threads(dataset):
@@ -45,16 +48,65 @@ def test_same_seed_same_batches_whatever_the_threads(dataset):
     assert a[0]["images"].shape == (16, 224, 224, 3) and a[0]["images"].dtype == np.float32
 
 
-def test_worker_processes_give_the_same_batches_and_restore_exactly(dataset):
-    expected = _take(_train(dataset), 4)
-    with_workers = _train(dataset, num_workers=2)
+@pytest.mark.parametrize("workers", [1, 3, "auto"])
+def test_worker_processes_give_the_same_batches_and_restore_on_any_count(dataset, workers):
+    if workers == "auto":  # What an accelerator host of 3 cores runs: 2 workers.
+        workers = tuning.input_workers(-1, backend="gpu", cores=3)
+        assert workers == 2
+    expected = _take(_train(dataset), 5)
+    with_workers = _train(dataset, num_workers=workers)
     first = _take(with_workers, 2)
     state = with_workers.get_state()
-    restored = _train(dataset, num_workers=2)
-    restored.set_state(state)
-    for x, y in zip(expected, first + _take(restored, 2), strict=True):
-        np.testing.assert_array_equal(x["images"], y["images"])
-        np.testing.assert_array_equal(x["labels"], y["labels"])
+    with_workers.close()
+    assert json.loads(state) == {"next_batch": 2}  # No worker count in the state.
+    restored = [_train(dataset, num_workers=n) for n in (workers, 0, 2)]
+    for r in restored:
+        r.set_state(state)
+    rest = [_take(r, 3) for r in restored]
+    for r in restored:
+        r.close()
+    for i, x in enumerate(expected):
+        for y in [first[i]] if i < 2 else [r[i - 2] for r in rest]:
+            np.testing.assert_array_equal(x["images"], y["images"])
+            np.testing.assert_array_equal(x["labels"], y["labels"])
+
+
+def test_an_older_iterator_state_is_refused_by_name(dataset):
+    it = _train(dataset)
+    legacy = json.dumps({"next_index": 32}).encode()  # grain's own state, from before.
+    with pytest.raises(pipeline.IteratorStateError, match="older alexnet_jax"):
+        it.set_state(legacy)
+
+
+def test_each_image_is_its_records_crop_at_the_draws_of_its_position(dataset):
+    """The batch, rebuilt record by record from the shuffle order and ``train_draws``."""
+    p = pipeline.Preprocessing.paper(dataset)
+    shipped = dataclasses.replace(p, finish_on_device=True)
+    batches = _take(_train(dataset, seed=5, preprocessing=shipped), 2)
+    host = next(_train(dataset, seed=5, preprocessing=p))
+    for position, record in enumerate(train_records(dataset, 5, 32)):
+        batch, i = batches[position // 16], position % 16
+        pixels, label = pipeline.decode_record(record)
+        rng = np.random.Generator(np.random.Philox(key=[5, position]))
+        d = augment.train_draws(
+            rng, 256, 256, eigenvalues=p.eigenvalues, eigenvectors=p.eigenvectors
+        )
+        np.testing.assert_array_equal(
+            batch["images"][i], pixels[d.top : d.top + 224, d.left : d.left + 224]
+        )
+        assert (batch["labels"][i], batch["crop_top"][i], batch["crop_left"][i]) == (
+            label,
+            d.top,
+            d.left,
+        )
+        assert batch["mirror"][i] == d.mirror
+        np.testing.assert_array_equal(batch["colour_offset"][i], d.colour_offset)
+        if position < 16:  # The host path applies the same draws.
+            expected = augment.train_augment(
+                pixels, np.random.Generator(np.random.Philox(key=[5, position])),
+                mean=p.mean, eigenvalues=p.eigenvalues, eigenvectors=p.eigenvectors,
+            )  # fmt: skip
+            np.testing.assert_array_equal(host["images"][i], expected)
 
 
 def test_restored_iterator_continues_with_exactly_the_next_batch(dataset):
@@ -69,32 +121,25 @@ def test_restored_iterator_continues_with_exactly_the_next_batch(dataset):
         np.testing.assert_array_equal(x["labels"], y["labels"])
 
 
-def _keys(records_ds, n):
-    return [records.decode_example(r)["key"] for r in _take(iter(records_ds), n)]
-
-
 def test_every_epoch_is_a_fresh_permutation_of_the_whole_set(dataset):
     n = dataset.num_examples("train")  # 80
-    keys = _keys(train_records(dataset, seed=0), 2 * n)
+    keys = [records.decode_example(r)["key"] for r in train_records(dataset, 0, 2 * n)]
     first, second = keys[:n], keys[n:]
     assert sorted(first) == sorted(second) and len(set(first)) == n
     assert first != second
 
 
 def test_processes_read_disjoint_halves_of_the_global_order(dataset):
-    n = dataset.num_examples("train")
-    whole = _keys(train_records(dataset, seed=0), n)
-    halves = [_keys(train_records(dataset, 0, p, 2, batch_size=16), n // 2) for p in range(2)]
-    # Process p reads the p-th half of every global batch of 16.
-    for b in range(n // 16):
-        assert halves[0][8 * b : 8 * b + 8] == whole[16 * b : 16 * b + 8]
-        assert halves[1][8 * b : 8 * b + 8] == whole[16 * b + 8 : 16 * b + 16]
-    single = next(_train(dataset))
-    parts = [next(_train(dataset, process_index=p, process_count=2)) for p in range(2)]
-    assert parts[1]["images"].shape[0] == 8  # The global batch of 16, halved.
-    # Augmentation is drawn on the global order: the halves are the single-process batch.
-    for key in ("images", "labels"):
-        np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), single[key])
+    whole = [pipeline.decode_record(r)[1] for r in train_records(dataset, 0, 32)]
+    single = _take(_train(dataset), 2)
+    assert [b["labels"].tolist() for b in single] == [whole[:16], whole[16:]]
+    parts = [_take(_train(dataset, process_index=p, process_count=2), 2) for p in range(2)]
+    assert parts[1][0]["images"].shape[0] == 8  # The global batch of 16, halved.
+    # Process p reads the p-th half of every global batch, with the same draws.
+    for b in range(2):
+        for key in ("images", "labels"):
+            halves = [parts[p][b][key] for p in range(2)]
+            np.testing.assert_array_equal(np.concatenate(halves), single[b][key])
 
 
 def test_pca_noise_is_a_per_image_rgb_offset_in_the_pipeline(dataset):
@@ -221,3 +266,40 @@ def test_jpeg_decoding_gives_pillows_pixels(tmp_path):
     gray = io.BytesIO()
     Image.fromarray(smooth[..., 0].astype(np.uint8), "L").save(gray, format="JPEG")
     assert pipeline.decode_jpeg(gray.getvalue()).shape == (256, 256, 3)  # Grey -> RGB.
+
+
+@pytest.mark.parametrize("ten_crop", [False, True])
+def test_uint8_evaluation_batches_finished_on_the_device_equal_the_host_views(dataset, ten_crop):
+    import jax
+    import jax.numpy as jnp
+
+    from alexnet_jax.data import device_augment
+
+    scale = np.array([0.5, 0.25, 1 / 64], np.float32)  # One per RGB, as torchvision's.
+    host = dataclasses.replace(pipeline.Preprocessing.paper(dataset), scale=scale)
+    shipped = dataclasses.replace(host, finish_on_device=True)
+    kwargs = {"batch_size": 8, "ten_crop": ten_crop, "loading": pipeline.Loading(num_threads=1)}
+    floats = list(pipeline.eval_iterator(dataset, preprocessing=host, **kwargs))
+    pixels = list(pipeline.eval_iterator(dataset, preprocessing=shipped, **kwargs))
+    finish = jax.jit(
+        lambda b, m: device_augment.finish_eval_batch(
+            b, m, crop_size=224, scale=scale, dtype=jnp.float32, ten_crop=ten_crop
+        )
+    )
+    mean = jnp.asarray(host.mean, jnp.float32)
+    for f, u in zip(floats, pixels, strict=True):
+        assert u["images"].dtype == np.uint8
+        # A quarter of the bytes, and for ten crops the image itself instead of ten views.
+        assert u["images"].shape[1:] == ((256, 256, 3) if ten_crop else (224, 224, 3))
+        out = jax.device_get(finish(u, mean))
+        np.testing.assert_array_equal(out["labels"], f["labels"])
+        # (pixel - mean) * scale in float32 on both sides: equal but for a fused multiply.
+        np.testing.assert_allclose(out["images"], f["images"], rtol=2e-7, atol=1e-6)
+
+
+def test_input_workers_auto_is_none_on_cpu_and_all_cores_but_one_on_accelerators():
+    assert tuning.input_workers(-1, backend="cpu", cores=16) == 0
+    assert tuning.input_workers(-1, backend="gpu", cores=16) == 15
+    assert tuning.input_workers(-1, backend="tpu", cores=1) == 1
+    assert tuning.input_workers(3, backend="cpu", cores=16) == 3  # Set: taken as it is.
+    assert tuning.input_workers(0, backend="gpu", cores=16) == 0

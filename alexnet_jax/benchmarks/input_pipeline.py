@@ -1,35 +1,40 @@
-r"""Does the input keep up? Pipeline vs full-size loader vs the train step, in one run.
+r"""Does the input keep up? The training input, worker by worker, against the train step.
 
     python -m alexnet_jax.benchmarks.input_pipeline       # configs/imagenet.py: batch 128
-    python -m alexnet_jax.benchmarks.input_pipeline --config.batch_size=64 \
-        --config.data.num_threads=2 --config.model.width=0.25
+    python -m alexnet_jax.benchmarks.input_pipeline --config.batch_size=256 \
+        --config.data.augment_on=device --config.model.width=0.25
 
-The batch size, the decoding threads and workers, the batch dtype, the
-augmentation and the network are the config's (``--config`` plus
-``--config.*`` overrides, as ``launch.py`` takes them). Measures, on the same
-machine in the same run:
-  1. the grain training pipeline's images/s on prepared 256px data (decode,
-     random crop, mirror, mean image, PCA colour, batch), as ``config.data``
-     sets it up;
+Everything is built as a training run builds it (``feed.train_input``,
+``feed.validation_batches``), from the config (``--config`` plus
+``--config.*`` overrides, as ``launch.py`` takes them): the batch size, the
+workers and threads, where the augmentation is finished (``augment_on``:
+uint8 crops on GPU/TPU), the batch dtype and the network. Measures, in one run:
+  1. the host side of the training input (read, decode, crop, draw, batch) in
+     images/s: in-process, then with 1, 2, 4, ... worker processes up to the
+     cores this process may use, and as the config sets it (``num_workers``
+     -1 = ``tuning.input_workers``); with each count's ratio to one worker;
   2. a torchvision-style per-image loader on the original full-size JPEGs
-     (PIL decode, resize the shorter side to 256, random crop, mirror, the
-     same mean subtraction), with ``config.data.num_threads`` threads;
-  3. the config's jitted train step (``train_step.jax_train_step``: set up as
-     the trainer sets it up) on a batch already on the device, in images/s;
-  4. the same step fed by the pipeline as the training loop feeds it (the
-     next batch is read while the device runs the step), and its ratio to 3.
-Pipeline and loader are timed in alternating rounds and the medians reported,
-so load from other processes affects both alike.
+     (PIL decode, resize, random crop, mirror, mean), ``num_threads`` threads;
+  3. the config's jitted train step (``train_step.jax_train_step``) on a batch
+     already on the device, and the same step fed by the training input as the
+     loop feeds it (batch t+1 is read while the device runs step t), and their
+     ratio;
+  4. the validation pass (centre crops, ``eval_batch_size``) in images/s.
+Host rates are medians of ``--rounds`` rounds; the loader alternates with the
+configured pipeline, so load from other processes affects both alike.
 
 Images: ``../shared/imagenet-samples`` (100 real ImageNet JPEGs, class in the
-file name) when present, prepared into a temporary directory with
-``alexnet_jax.data.prepare`` first; otherwise synthetic camera-sized JPEGs.
-The pipeline repeats them endlessly, so any batch size works.
+file name) when present, prepared with ``alexnet_jax.data.prepare``;
+otherwise synthetic camera-sized JPEGs. The prepared records are repeated
+to ``--records`` training and ``--val_records`` validation records: grain's
+shuffle costs ~0.35 ms a record on a 100-record set and ~5 us on ImageNet's
+1.28M, so a tiny set would time the shuffle, not the input.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import statistics
 import sys
@@ -37,6 +42,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -44,9 +50,9 @@ from absl import app, flags
 from ml_collections import config_flags
 from PIL import Image
 
-from alexnet_jax import allocator, cli, config_lib, sharding, tuning
+from alexnet_jax import allocator, cli, config_lib, feed, sharding, tuning
 from alexnet_jax.benchmarks import train_step
-from alexnet_jax.data import augment, pipeline, prepare, writer
+from alexnet_jax.data import augment, pipeline, prepare, records, writer
 
 DEFAULT_SAMPLES = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -132,6 +138,7 @@ def _rate(next_batch: Callable[[], object], batch_size: int, num_batches: int) -
 
 
 WARMUP_STEPS = 3  # The first compiles; the host allocator's pool grows over a few.
+WARMUP_BATCHES = 2  # Worker processes start and fill their buffers.
 
 
 def bare_step_rate(step: train_step.JaxStep, batch_size: int, steps: int) -> float:
@@ -146,22 +153,73 @@ def bare_step_rate(step: train_step.JaxStep, batch_size: int, steps: int) -> flo
     return batch_size / statistics.median(times)
 
 
-def fed_step_rate(step: train_step.JaxStep, train_iter, batch_size: int, steps: int) -> float:
-    """Images/s of the step fed from ``train_iter`` the way the training loop feeds it.
+def fed_step_rate(step: train_step.JaxStep, train_input, batch_size: int, steps: int) -> float:
+    """Images/s of the step fed by ``train_input`` (a ``feed.TrainInput``) as the loop feeds it.
 
-    Each host batch becomes a global array and the step is dispatched without
-    waiting, so reading batch t+1 overlaps step t on the device; only the last
-    step's metrics are fetched (the loop fetches them at log steps).
+    Each step is dispatched without waiting, so reading batch t+1 overlaps step
+    t on the device; only the last step's metrics are fetched (the loop fetches
+    them at log steps).
     """
     import jax
 
     for _ in range(WARMUP_STEPS):
-        jax.block_until_ready(step.dispatch(sharding.global_batch(step.mesh, next(train_iter))))
+        jax.block_until_ready(step.dispatch(next(train_input)))
     start = time.perf_counter()
     for _ in range(steps):
-        step_metrics = step.dispatch(sharding.global_batch(step.mesh, next(train_iter)))
+        step_metrics = step.dispatch(next(train_input))
     jax.block_until_ready(step_metrics)
     return batch_size * steps / (time.perf_counter() - start)
+
+
+def validation_rate(config: ml_collections.ConfigDict, dataset, step: train_step.JaxStep) -> float:
+    """Images/s of one validation pass as the loop runs it (after a pass that compiles)."""
+    import jax
+
+    from alexnet_jax import feed, train
+
+    model = train_step.build_model(config, "auto", step.mesh)
+    eval_fn = jax.jit(functools.partial(train.eval_step, model=model))
+    params = step.state.params
+    for batch in feed.validation_batches(config, dataset, step.mesh):
+        jax.block_until_ready(eval_fn(params, batch))
+    start, count = time.perf_counter(), 0.0
+    for batch in feed.validation_batches(config, dataset, step.mesh):
+        count += float(eval_fn(params, batch)["count"])
+    return count / (time.perf_counter() - start)
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def worker_counts(cores: int, limit: int = 0) -> list[int]:
+    """0 (in-process), then 1, 2, 4, ... and the core count itself (at most ``limit``)."""
+    counts, n = [0], 1
+    while n < cores:
+        counts.append(n)
+        n *= 2
+    counts.append(cores)
+    return [c for c in counts if not limit or c <= limit]
+
+
+def repeat_records(data_dir: str, split: str, count: int) -> None:
+    """Rewrites ``split`` of a prepared dataset as its records repeated to ``count``."""
+    metadata = records.read_metadata(data_dir)
+    dataset = pipeline.Dataset(data_dir, metadata)
+    source = dataset.source(split)
+    originals = [records.decode_example(source[i]) for i in range(len(source))]
+    for path in records.shard_paths(data_dir, split, metadata):
+        os.remove(path)
+
+    def examples():
+        for i in range(count):
+            example = originals[i % len(originals)]
+            yield example["image"], example["label"], f"{example['key']}#{i // len(originals)}"
+
+    writer.write_shard(os.path.join(data_dir, records.shard_filename(split, 0, 1)), examples())
+    metadata["splits"][split].update(num_examples=count, num_shards=1)
+    metadata.pop("format_version", None)
+    records.write_metadata(data_dir, metadata)
 
 
 def _source_images(tmp: str, samples_dir: str | None, synthetic_images: int) -> tuple[str, str]:
@@ -175,18 +233,44 @@ def _source_images(tmp: str, samples_dir: str | None, synthetic_images: int) -> 
     return source, f"{synthetic_images} synthetic JPEGs (no samples directory)"
 
 
+def host_input_rate(
+    config: ml_collections.ConfigDict,
+    dataset: pipeline.Dataset,
+    mesh: Any,
+    num_workers: int,
+    *,
+    rounds: int,
+    batches_per_round: int,
+) -> tuple[float, list[float], feed.TrainInput]:
+    """Median images/s of the training input's host batches with ``num_workers``."""
+    config = config.copy_and_resolve_references()
+    config.data.num_workers = num_workers
+    train_input = feed.train_input(config, dataset, mesh)
+    for _ in range(WARMUP_BATCHES):
+        next(train_input.iterator)
+    next_batch = functools.partial(next, train_input.iterator)
+    rates = [_rate(next_batch, config.batch_size, batches_per_round) for _ in range(rounds)]
+    return statistics.median(rates), rates, train_input
+
+
 def run(
     config: ml_collections.ConfigDict,
     *,
     samples_dir: str | None,
     synthetic_images: int = 100,
+    num_records: int = 10_000,
+    num_val_records: int = 2_000,
     rounds: int = 5,
     batches_per_round: int = 4,
     train_steps: int = 3,
-) -> dict[str, float]:
-    """Runs the four measurements on ``config``'s pipeline and network; prints, returns them."""
+    max_workers: int = 0,
+) -> dict[str, Any]:
+    """Runs the measurements on ``config``'s input and network; prints, returns them."""
     config_lib.validate(config)
     batch_size, data = config.batch_size, config.data
+    cores = usable_cores()
+    results: dict[str, Any] = {"cores": cores}
+    rows: list[tuple[str, float, str]] = []
     with tempfile.TemporaryDirectory() as tmp:
         source, described = _source_images(tmp, samples_dir, synthetic_images)
         files = sorted(
@@ -194,67 +278,98 @@ def run(
             for root, _, names in os.walk(os.path.join(source, "train"))
             for f in names
         )
+        prepared = os.path.join(tmp, "prepared")
         start = time.perf_counter()
-        prepare.prepare(source, os.path.join(tmp, "prepared"), splits=("train",), num_workers=0)
-        prepare_rate = len(files) / (time.perf_counter() - start)
-
-        dataset = pipeline.open_dataset(os.path.join(tmp, "prepared"), how_to_prepare="-")
-        new_iterator = functools.partial(
-            pipeline.train_iterator,
-            dataset,
-            batch_size=batch_size,
-            seed=config.seed,
-            preprocessing=pipeline.Preprocessing.from_config(data, dataset),
-            loading=pipeline.Loading.from_config(data),
+        prepare.prepare(source, prepared, num_workers=0)
+        results["prepare_images_per_sec"] = 2 * len(files) / (time.perf_counter() - start)
+        repeat_records(prepared, "train", max(num_records, batch_size))
+        repeat_records(prepared, "val", max(num_val_records, config.eval_batch_size))
+        dataset = pipeline.open_dataset(prepared, how_to_prepare="-")
+        mesh = sharding.make_mesh(config.mesh_shape)
+        prep = feed.preprocessing(config, dataset)
+        configured = feed.loading(config).num_workers
+        what = (
+            "uint8 crops + draws (finished on the device)"
+            if prep.finish_on_device
+            else f"augmented on the host ({data.dtype})"
         )
-        train_iter = new_iterator()
+
+        per_workers = {}
+        for workers in worker_counts(cores, max_workers):
+            if workers == configured:
+                continue  # Measured below, alternating with the loader.
+            rate, _, train_input = host_input_rate(
+                config, dataset, mesh, workers, rounds=rounds, batches_per_round=batches_per_round
+            )
+            train_input.close()
+            per_workers[workers] = rate
+
+        # The configured input and the full-size loader, in alternating rounds.
+        config_input = feed.train_input(config, dataset, mesh)
         loader = FullSizeLoader(files, dataset.mean_image(), data.num_threads)
-        next(train_iter), loader.batch(batch_size)  # Warm up both.
+        for _ in range(WARMUP_BATCHES):
+            next(config_input.iterator)
+        loader.batch(batch_size)
         pipeline_rates, loader_rates = [], []
-        next_pipeline_batch = functools.partial(next, train_iter)
+        next_pipeline_batch = functools.partial(next, config_input.iterator)
         next_loader_batch = functools.partial(loader.batch, batch_size)
         for _ in range(rounds):
             pipeline_rates.append(_rate(next_pipeline_batch, batch_size, batches_per_round))
             loader_rates.append(_rate(next_loader_batch, batch_size, batches_per_round))
         loader.close()
-        del train_iter
+        config_input.close()
+        per_workers[configured] = statistics.median(pipeline_rates)
+        loader_rate = statistics.median(loader_rates)
 
         step = train_step.jax_train_step(config)
         step_rate = bare_step_rate(step, batch_size, train_steps)
-        fed_rate = fed_step_rate(step, new_iterator(), batch_size, train_steps)
+        train_input = feed.train_input(config, dataset, step.mesh)
+        fed_rate = fed_step_rate(step, train_input, batch_size, train_steps)
+        train_input.close()
+        val_rate = validation_rate(config, dataset, step)
         del step
 
-    pipeline_rate = statistics.median(pipeline_rates)
-    loader_rate = statistics.median(loader_rates)
-    results = {
-        "prepare_images_per_sec": prepare_rate,
-        "pipeline_images_per_sec": pipeline_rate,
-        "full_size_loader_images_per_sec": loader_rate,
-        "pipeline_over_loader": pipeline_rate / loader_rate,
-        "train_step_images_per_sec": step_rate,
-        "pipeline_over_train_step": pipeline_rate / step_rate,
-        "fed_train_step_images_per_sec": fed_rate,
-        "fed_over_train_step": fed_rate / step_rate,
-    }
+    one = per_workers.get(1)
+    for workers in sorted(per_workers):
+        label = "in-process" if workers == 0 else f"{workers} worker process" + "es" * (workers > 1)
+        if workers == configured:
+            label += f" (the config's: data.num_workers = {data.num_workers})"
+        rows.append((f"host input, {label}", per_workers[workers], "images/s"))
+        if one and workers > 1:
+            rows.append((f"  {workers} workers / 1 worker", per_workers[workers] / one, "x"))
+    pipeline_rate = per_workers[configured]
     m = config.model
     network = f"width {m.width:g}, {m.compute_dtype}, batch {batch_size}"
-    rows = [
-        ("preparation, full-size JPEG -> 256px shard", prepare_rate, "images/s"),
-        (f"grain train pipeline, prepared 256px, {data.dtype}", pipeline_rate, "images/s"),
+    rows += [
         ("full-size per-image loader (PIL)", loader_rate, "images/s"),
-        ("pipeline / full-size loader", results["pipeline_over_loader"], "x"),
+        ("configured input / full-size loader", pipeline_rate / loader_rate, "x"),
         (f"train step, {network}", step_rate, "images/s"),
-        ("pipeline / train step", results["pipeline_over_train_step"], "x"),
-        ("train step fed by the pipeline", fed_rate, "images/s"),
-        ("fed / bare train step", results["fed_over_train_step"], "x"),
+        ("configured input / train step", pipeline_rate / step_rate, "x"),
+        ("train step fed by the training input", fed_rate, "images/s"),
+        ("fed / bare train step", fed_rate / step_rate, "x"),
+        (f"validation pass, centre crops, batch {config.eval_batch_size}", val_rate, "images/s"),
     ]
+    results.update(
+        {
+            "images_per_sec_by_workers": per_workers,
+            "images_per_sec_per_worker": one,
+            "configured_workers": configured,
+            "pipeline_images_per_sec": pipeline_rate,
+            "full_size_loader_images_per_sec": loader_rate,
+            "train_step_images_per_sec": step_rate,
+            "fed_train_step_images_per_sec": fed_rate,
+            "fed_over_train_step": fed_rate / step_rate,
+            "validation_images_per_sec": val_rate,
+        }
+    )
     print(
-        f"Input pipeline benchmark: {described}; batch {batch_size}, {data.num_threads} "
-        f"threads, {data.num_workers} workers"
+        f"Input pipeline benchmark: {described}, repeated to {max(num_records, batch_size)} "
+        f"training records; batch {batch_size}, {data.num_threads} threads per process, "
+        f"{cores} cores usable; {what}"
     )
     for label, value, unit in rows:
-        print(f"  {label + ':':47s} {value:9.2f} {unit}")
-    keeps_up = "yes" if results["pipeline_over_train_step"] >= 1 else "NO"
+        print(f"  {label + ':':62s} {value:10.2f} {unit}")
+    keeps_up = "yes" if pipeline_rate >= step_rate else "NO"
     print(f"  input keeps up with the train step: {keeps_up}")
     return results
 
@@ -274,6 +389,10 @@ def define_flags() -> None:
         "samples_dir", DEFAULT_SAMPLES, "Real JPEGs (<wnid>_<name>.JPEG); '' = synthetic."
     )
     flags.DEFINE_integer("synthetic_images", 100, "Synthetic images when there is no samples_dir.")
+    flags.DEFINE_integer("records", 10_000, "Training records (the images, repeated).")
+    flags.DEFINE_integer("val_records", 2_000, "Validation records (the images, repeated).")
+    flags.DEFINE_integer("max_workers", 0, "Time worker counts up to this (0: the cores).")
+    flags.DEFINE_string("json", "", "Also write the numbers to this JSON file.")
     flags.DEFINE_integer("rounds", 5, "Alternating timing rounds (medians reported).")
     flags.DEFINE_integer("batches_per_round", 4, "Batches timed per round.")
     flags.DEFINE_integer("train_steps", 3, "Timed train steps, bare and fed, after warm-up.")
@@ -290,14 +409,20 @@ def _run(argv: Sequence[str]) -> int:
     config_lib.validate(FLAGS.config)
     tuning.configure_process()  # As launch.py does, before JAX starts its backends.
     allocator.use(tuning.host_allocator())  # May restart this command once.
-    run(
+    results = run(
         FLAGS.config,
         samples_dir=FLAGS.samples_dir or None,
         synthetic_images=FLAGS.synthetic_images,
+        num_records=FLAGS.records,
+        num_val_records=FLAGS.val_records,
         rounds=FLAGS.rounds,
         batches_per_round=FLAGS.batches_per_round,
         train_steps=FLAGS.train_steps,
+        max_workers=FLAGS.max_workers,
     )
+    if FLAGS.json:
+        with open(FLAGS.json, "w") as f:
+            json.dump(results, f, indent=1)
     return cli.EXIT_OK
 
 

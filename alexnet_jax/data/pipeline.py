@@ -1,20 +1,25 @@
 """The grain input pipeline: records -> shuffle -> decode -> augment -> batch.
 
-Every random choice comes from grain's per-record generator (seeded by the
-config seed and the record's position), so batches are the same whatever the
-number of threads or worker processes, and the iterator state can be
-checkpointed: a restored iterator continues with exactly the next batch.
+Every random choice comes from a generator keyed by the config seed and the
+record's position in the global order (``record_rng``), so batches are the
+same whatever the number of processes, worker processes or threads, and the
+iterator's state is the next batch's index: a restored iterator continues
+with exactly the next batch, on any host.
 
-Threads decode in parallel (PIL releases the GIL) and a prefetch buffer keeps
-records ready; worker processes (``num_workers``) are optional because on a
-small CPU host they compete with XLA for cores.
+grain's unit of work is a whole batch (``_Batches``): a thread or worker
+process reads a batch's records, decodes them and writes each crop straight
+into the batch's arrays. Worker processes (``Loading.num_workers``, sized
+from the host's cores by ``tuning.input_workers``) are what scales: per
+record, the Python work holds the GIL, so threads in one process do not.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import os
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grain
@@ -231,7 +236,7 @@ class Preprocessing:
     scale: float | np.ndarray = 1.0  # Multiplies mean-subtracted pixels (or one per RGB).
     dtype: str = "float32"
     crop_size: int = CROP_SIZE
-    # Training only: ship uint8 patches and the draws; device_augment finishes them.
+    # Ship uint8 pixels (and training's draws); device_augment finishes them.
     finish_on_device: bool = False
 
     def crop_options(self) -> dict[str, Any]:
@@ -287,127 +292,262 @@ class Preprocessing:
         )
 
 
+def _allocate_shared(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """An array in shared memory that grain's workers hand to the main process uncopied.
+
+    Falls back to an ordinary array (grain then copies it) where grain lacks the class.
+    """
+    try:
+        from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
+    except ImportError:
+        return np.empty(shape, dtype)
+    return SharedMemoryArray(shape, dtype)
+
+
+def record_rng(seed: int, position: int) -> np.random.Generator:
+    """The random generator of the record at ``position`` of the global training order.
+
+    Keyed by (seed, position) alone, so an image's crop, mirror and colour noise
+    are the same whichever process, worker or thread draws them.
+    """
+    return np.random.Generator(np.random.Philox(key=[seed % 2**64, position]))
+
+
 @dataclasses.dataclass(frozen=True)
-class TrainTransform(grain.transforms.RandomMap):
-    """Sec. 4.1: random patch, mirror, mean subtraction, PCA colour noise."""
+class TrainTransform:
+    """Sec. 4.1 for a batch of records: random patch, mirror, mean subtraction, PCA colour.
+
+    With ``preprocessing.finish_on_device`` the batch holds the uint8 patches and
+    the draws (``device_augment.DRAW_FIELDS``) instead, for the device to finish.
+    """
 
     preprocessing: Preprocessing
+    seed: int
 
-    def random_map(self, record: bytes, rng: np.random.Generator) -> dict[str, Any]:
+    def batch(
+        self, records: Sequence[Any], positions: Sequence[int], allocate: Any = np.empty
+    ) -> dict[str, np.ndarray]:
         p = self.preprocessing
-        pixels, label = decode_record(record)
+        n, size = len(records), p.crop_size
         pca = {"eigenvalues": p.eigenvalues, "eigenvectors": p.eigenvectors, "pca_std": p.pca_std}
-        if p.finish_on_device:
-            return _patch_and_draws(pixels, label, rng, p, pca)
-        image = augment.train_augment(pixels, rng, **pca, **p.crop_options())
-        return {"images": image, "labels": np.int32(label)}
-
-
-def _patch_and_draws(pixels, label, rng, p: Preprocessing, pca: dict[str, Any]) -> dict[str, Any]:
-    """The uint8 patch and the random draws that ``device_augment`` finishes."""
-    h, w = pixels.shape[:2]
-    d = augment.train_draws(rng, h, w, crop_size=p.crop_size, **pca)
-    offset = np.zeros(3, np.float32) if d.colour_offset is None else d.colour_offset
-    return {
-        "images": np.ascontiguousarray(augment.crop(pixels, d.top, d.left, p.crop_size)),
-        "labels": np.int32(label),
-        "crop_top": np.int32(d.top),
-        "crop_left": np.int32(d.left),
-        "mirror": np.bool_(d.mirror),
-        "colour_offset": offset.astype(np.float32),
-    }
+        labels = np.empty(n, np.int32)
+        if not p.finish_on_device:
+            images = allocate((n, size, size, 3), numpy_dtype(p.dtype))
+            for i, (record, position) in enumerate(zip(records, positions, strict=True)):
+                pixels, labels[i] = decode_record(record)
+                rng = record_rng(self.seed, position)
+                images[i] = augment.train_augment(pixels, rng, **pca, **p.crop_options())
+            return {"images": images, "labels": labels}
+        out = {
+            "images": allocate((n, size, size, 3), np.uint8),
+            "labels": labels,
+            "crop_top": np.empty(n, np.int32),
+            "crop_left": np.empty(n, np.int32),
+            "mirror": np.empty(n, np.bool_),
+            "colour_offset": np.zeros((n, 3), np.float32),
+        }
+        for i, (record, position) in enumerate(zip(records, positions, strict=True)):
+            pixels, labels[i] = decode_record(record)
+            h, w = pixels.shape[:2]
+            d = augment.train_draws(record_rng(self.seed, position), h, w, crop_size=size, **pca)
+            out["images"][i] = augment.crop(pixels, d.top, d.left, size)
+            out["crop_top"][i], out["crop_left"][i], out["mirror"][i] = d.top, d.left, d.mirror
+            if d.colour_offset is not None:
+                out["colour_offset"][i] = d.colour_offset
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalTransform(grain.transforms.Map):
-    """The central patch (crop x crop x 3) or, with ``ten_crop``, the paper's ten test
-    patches (10 x crop x crop x 3, in augment.TEN_CROP_POSITIONS order), mean-subtracted."""
+    """The test views of a record, mean-subtracted and scaled on the host.
+
+    The central patch (crop x crop x 3) or, with ``ten_crop``, the paper's ten
+    test patches (10 x crop x crop x 3, in augment.TEN_CROP_POSITIONS order).
+    With ``preprocessing.finish_on_device`` the host ships uint8 pixels instead:
+    the central patch, or for ``ten_crop`` the whole 256 x 256 image, and
+    ``device_augment.finish_eval_batch`` subtracts, scales and cuts the views.
+    """
 
     preprocessing: Preprocessing
     ten_crop: bool = False
 
     def map(self, record: bytes) -> dict[str, Any]:
         pixels, label = decode_record(record)
-        views = augment.eval_views(
-            pixels, ten_crop=self.ten_crop, **self.preprocessing.crop_options()
-        )
-        image = views if self.ten_crop else views[0]
-        return {"images": image, "labels": np.int32(label)}
+        return {"images": self._views(pixels), "labels": np.int32(label)}
+
+    def _views(self, pixels: np.ndarray) -> np.ndarray:
+        p = self.preprocessing
+        if p.finish_on_device:
+            if self.ten_crop:
+                return pixels
+            top, left = augment.center_crop_window(*pixels.shape[:2], p.crop_size)
+            return augment.crop(pixels, top, left, p.crop_size)
+        views = augment.eval_views(pixels, ten_crop=self.ten_crop, **p.crop_options())
+        return views if self.ten_crop else views[0]
+
+    def batch(
+        self, records: Sequence[Any], positions: Sequence[int], allocate: Any = np.empty
+    ) -> dict[str, np.ndarray]:
+        del positions  # Evaluation draws nothing.
+        decoded = [decode_record(record) for record in records]
+        first = self._views(decoded[0][0])
+        images = allocate((len(records), *first.shape), first.dtype)
+        for i, (pixels, _) in enumerate(decoded):
+            views = first if i == 0 else self._views(pixels)
+            if views.shape != first.shape:
+                raise ValueError(
+                    f"record {i} of an evaluation batch decodes to {pixels.shape[:2]} pixels, "
+                    f"unlike the batch's first; prepared images are all "
+                    f"{writer.PREPARED_SIZE}x{writer.PREPARED_SIZE}"
+                )
+            images[i] = views
+        return {"images": images, "labels": np.array([label for _, label in decoded], np.int32)}
 
 
-@dataclasses.dataclass(frozen=True)
-class Loading:
-    """How records are read and decoded (``config.data``): it never changes the batches."""
+class _Batches(grain.MapDataset):
+    """Item ``k``: this process's block of global batch ``k``, transformed as one batch.
 
-    num_workers: int = 0  # Worker processes that each build whole batches; 0 = in-process.
-    num_threads: int = 2  # Reader threads per process.
-    prefetch: int = 0  # Records decoded ahead; 0 = two batches' worth.
-
-    @classmethod
-    def from_config(cls, data_config: ml_collections.ConfigDict) -> Loading:
-        d = data_config
-        return cls(num_workers=d.num_workers, num_threads=d.num_threads, prefetch=d.prefetch)
-
-
-def _local_batches(
-    ds: grain.MapDataset, batch_size: int, *, drop_remainder: bool, loading: Loading
-) -> grain.DatasetIterator:
-    """Threads decode single records into a prefetch buffer; batches are stacked after.
-
-    Parallelism over records (not whole batches) keeps every thread busy for
-    any batch size. With worker processes, each builds whole batches.
-    """
-    threads = loading.num_threads
-    if loading.num_workers == 0:
-        buffer = loading.prefetch if loading.prefetch > 0 else 2 * batch_size
-        read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(buffer, threads))
-        return iter(ds.to_iter_dataset(read).batch(batch_size, drop_remainder=drop_remainder))
-    # Workers take whole batches in turn (k, k + num_workers, ...), so batches are
-    # the same as without workers; batching inside each worker would regroup them.
-    read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2)
-    it = ds.batch(batch_size, drop_remainder=drop_remainder).to_iter_dataset(read)
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags (defaults suffice).
-    return iter(it.mp_prefetch(grain.MultiprocessingOptions(num_workers=loading.num_workers)))
-
-
-class _ProcessBlocks(grain.MapDataset):
-    """Process ``index``'s contiguous block of every global batch of ``parent``.
-
-    With ``count`` processes and a global batch of ``B``, local element ``k`` is
-    global element ``(k // b) * B + index * b + k % b`` where ``b = B / count``:
-    the processes' local batches, concatenated in process order, are exactly the
-    single-process batch (same images, same order, so same dropout masks).
+    Whole batches are the unit of work (and, with worker processes, of transfer),
+    so grain handles one item per batch rather than one per image, and each
+    image is written straight into the batch's arrays (in shared memory, with
+    ``shared_memory``, so a worker's batch reaches the main process uncopied).
+    With ``process_count`` processes of a global batch of ``B``, process ``i`` takes the records at
+    ``k * B + i * b ... k * B + (i + 1) * b - 1`` (``b = B / process_count``): the
+    processes' batches concatenated in process order are the one-process batch.
     """
 
-    def __init__(self, parent: grain.MapDataset, global_batch: int, index: int, count: int):
-        super().__init__(parent)
-        self._global_batch = global_batch
-        self._local_batch = global_batch // count
-        self._offset = index * self._local_batch
+    def __init__(
+        self,
+        records: grain.MapDataset,
+        transform: TrainTransform | EvalTransform,
+        *,
+        global_batch: int,
+        local_batch: int,
+        offset: int,
+        drop_remainder: bool,
+        shared_memory: bool = False,
+    ):
+        super().__init__(records)
+        self._transform = transform
+        self._allocate = _allocate_shared if shared_memory else np.empty
+        self._global_batch, self._local_batch, self._offset = global_batch, local_batch, offset
+        self._drop_remainder = drop_remainder
+
+    @property
+    def local_batch(self) -> int:
+        return self._local_batch
 
     def __len__(self) -> int:
-        return len(self._parents[0]) // self._global_batch * self._local_batch
+        full, rest = divmod(len(self._parents[0]), self._global_batch)
+        if self._drop_remainder:
+            return full
+        return full + (rest > self._offset)
 
     def __getitem__(self, k):
         if isinstance(k, slice):
             return self.slice(k)
-        batch, within = divmod(k, self._local_batch)
-        return self._parents[0][batch * self._global_batch + self._offset + within]
+        records = self._parents[0]
+        start = k * self._global_batch + self._offset
+        positions = range(start, min(start + self._local_batch, len(records)))
+        return self._transform.batch([records[i] for i in positions], positions, self._allocate)
+
+
+@dataclasses.dataclass(frozen=True)
+class Loading:
+    """How batches are read and decoded (``config.data``): it never changes the batches."""
+
+    num_workers: int = 0  # Worker processes, each building whole batches; 0 = in-process.
+    num_threads: int = 2  # In-process only: threads, each building whole batches.
+    prefetch: int = 0  # Records decoded ahead per process (worker); 0 = two batches.
+
+    @classmethod
+    def from_config(cls, data_config: ml_collections.ConfigDict, num_workers: int) -> Loading:
+        """``num_workers`` is ``config.data.num_workers`` resolved for this host
+        (``tuning.input_workers``)."""
+        d = data_config
+        return cls(num_workers=num_workers, num_threads=d.num_threads, prefetch=d.prefetch)
+
+
+class BatchIterator:
+    """Batches in order, checkpointable by the index of the next batch alone.
+
+    The state names no worker or thread, so a run saved on one host resumes
+    with the same batches on a host with another number of cores. grain's
+    checkpoint handler saves ``get_state()``'s bytes as they are and calls
+    ``start_prefetch`` after ``set_state``.
+    """
+
+    def __init__(self, batches: _Batches, loading: Loading):
+        self._batches, self._loading = batches, loading
+        self._next_batch = 0
+        self._iterator: Any = None
+
+    def __iter__(self) -> BatchIterator:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._iterator is None:
+            self.start_prefetch()
+        batch = next(self._iterator)
+        self._next_batch += 1
+        return batch
+
+    def get_state(self) -> bytes:
+        return json.dumps({"next_batch": self._next_batch}).encode()
+
+    def set_state(self, state: bytes) -> None:
+        saved = json.loads(state)
+        if not isinstance(saved, dict) or not isinstance(saved.get("next_batch"), int):
+            raise IteratorStateError(
+                "The data iterator's saved state is not a batch position ("
+                f"{bytes(state[:120]).decode(errors='replace')!r}): it was written by an "
+                "older alexnet_jax, whose iterator states this one cannot continue"
+            )
+        self.close()
+        self._next_batch = saved["next_batch"]
+
+    def start_prefetch(self) -> None:
+        """Starts reading (and the worker processes) from the next batch on."""
+        if self._iterator is None:
+            remaining = self._batches[self._next_batch :]
+            self._iterator = _read(remaining, self._batches.local_batch, self._loading)
+
+    def close(self) -> None:
+        """Stops the worker processes, if any; iterating again restarts them."""
+        if self._iterator is not None and hasattr(self._iterator, "close"):
+            self._iterator.close()
+        self._iterator = None
+
+
+class IteratorStateError(ValueError):
+    """A checkpoint's data iterator state that this version cannot continue."""
+
+
+def _read(
+    batches: grain.MapDataset, local_batch: int, loading: Loading
+) -> Iterator[dict[str, np.ndarray]]:
+    """Threads (and worker processes) building whole batches ahead of the consumer."""
+    ahead = -(-loading.prefetch // local_batch) if loading.prefetch > 0 else 2
+    if loading.num_workers == 0:
+        threads = loading.num_threads
+        read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(ahead, threads))
+        return iter(batches.to_iter_dataset(read))
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags (defaults suffice).
+    # Each worker builds its batches one at a time straight into shared memory, ``ahead``
+    # of them queued (threads inside a worker would hold batches that no one unlinks at
+    # close). Worker w builds batches w, w + num_workers, ...; they are read back in turn,
+    # so the order is the same for any number of workers.
+    serial = batches.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    options = grain.MultiprocessingOptions(
+        num_workers=loading.num_workers, per_worker_buffer_size=ahead
+    )
+    return iter(serial.mp_prefetch(options))
 
 
 def shuffled_records(dataset: Dataset, seed: int) -> grain.MapDataset:
     """The endless training order: the whole set reshuffled every epoch from ``seed``."""
     return grain.MapDataset.source(dataset.source("train")).seed(seed).shuffle().repeat(None)
-
-
-def process_block(
-    ds: grain.MapDataset, batch_size: int, index: int, count: int
-) -> grain.MapDataset:
-    """Process ``index``'s contiguous block of every global batch of ``batch_size``."""
-    if batch_size % count:
-        raise ValueError(f"batch_size {batch_size} is not divisible by {count} processes")
-    return ds if count == 1 else _ProcessBlocks(ds, batch_size, index, count)
 
 
 def train_iterator(
@@ -419,18 +559,27 @@ def train_iterator(
     loading: Loading = Loading(),
     process_index: int = 0,
     process_count: int = 1,
-) -> grain.DatasetIterator:
+) -> BatchIterator:
     """Endless, checkpointable iterator of host-local training batches.
 
     Each record's random crop, flip and colour noise are drawn from its
-    position in the global order (``shuffled_records``), before the order is
-    split between processes, so the global batch (the processes' blocks in
-    process order) is identical for any number of processes. ``batch_size``
-    is global.
+    position in the global order (``record_rng``), so the global batch (the
+    processes' blocks in process order) is identical for any number of
+    processes, workers and threads. ``batch_size`` is global.
     """
-    ds = shuffled_records(dataset, seed).random_map(TrainTransform(preprocessing))
-    ds = process_block(ds, batch_size, process_index, process_count)
-    return _local_batches(ds, batch_size // process_count, drop_remainder=True, loading=loading)
+    if batch_size % process_count:
+        raise ValueError(f"batch_size {batch_size} is not divisible by {process_count} processes")
+    local_batch = batch_size // process_count
+    batches = _Batches(
+        shuffled_records(dataset, seed),
+        TrainTransform(preprocessing, seed),
+        global_batch=batch_size,
+        local_batch=local_batch,
+        offset=process_index * local_batch,
+        drop_remainder=True,
+        shared_memory=loading.num_workers > 0,
+    )
+    return BatchIterator(batches, loading)
 
 
 def eval_iterator(
@@ -443,15 +592,26 @@ def eval_iterator(
     split: str = "val",
     process_index: int = 0,
     process_count: int = 1,
-) -> grain.DatasetIterator:
+) -> BatchIterator:
     """One pass over ``split`` in order; the last batch may be short.
 
     Images are B x crop x crop x 3 (centre patch), or with ``ten_crop``
     B x 10 x crop x crop x 3; average the softmax over axis 1 with
-    ``augment.average_crop_softmax``. PCA noise is never applied here.
+    ``augment.average_crop_softmax``. With ``preprocessing.finish_on_device``
+    they are uint8 pixels (see ``EvalTransform``). PCA noise is never applied.
     """
-    ds = grain.MapDataset.source(dataset.source(split))[process_index::process_count]
-    ds = ds.map(EvalTransform(preprocessing, ten_crop=ten_crop))
-    if ten_crop and loading.prefetch == 0:  # Each record is 10 crops: a smaller buffer.
-        loading = dataclasses.replace(loading, prefetch=min(2 * (batch_size // process_count), 64))
-    return _local_batches(ds, batch_size // process_count, drop_remainder=False, loading=loading)
+    local_batch = batch_size // process_count
+    records = grain.MapDataset.source(dataset.source(split))[process_index::process_count]
+    batches = _Batches(
+        records,
+        EvalTransform(preprocessing, ten_crop=ten_crop),
+        global_batch=local_batch,
+        local_batch=local_batch,
+        offset=0,
+        drop_remainder=False,
+        shared_memory=loading.num_workers > 0,
+    )
+    if ten_crop and loading.prefetch == 0 and not preprocessing.finish_on_device:
+        # Ten float crops an image: two batches ahead of at most 64 images.
+        loading = dataclasses.replace(loading, prefetch=min(2 * local_batch, 64))
+    return BatchIterator(batches, loading)

@@ -1,0 +1,140 @@
+"""Host batches to device batches: the one way training, validation and benchmarks get input.
+
+``train_input`` builds what the training loop consumes, and
+``benchmarks/input_pipeline.py`` times the same object, so the benchmark
+measures what a run does: the grain iterator (its worker processes sized by
+``tuning.input_workers``), the transfer to the mesh, and on an accelerator
+the device's finish of the augmentation (``device_augment``).
+``validation_batches`` does the same for the validation pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from alexnet_jax import inference, sharding, tuning
+from alexnet_jax.data import device_augment, pipeline
+
+DeviceBatch = dict[str, jax.Array]
+
+
+def loading(config: ml_collections.ConfigDict, backend: str | None = None) -> pipeline.Loading:
+    """``config.data``'s reading settings with ``num_workers`` resolved for this host."""
+    workers = tuning.input_workers(config.data.num_workers, backend)
+    return pipeline.Loading.from_config(config.data, workers)
+
+
+def preprocessing(
+    config: ml_collections.ConfigDict, dataset: pipeline.Dataset, backend: str | None = None
+) -> pipeline.Preprocessing:
+    """``config.data``'s preprocessing, finished on the device where ``augment_on`` says so."""
+    on_device = tuning.finish_augmentation_on_device(config.data.augment_on, backend)
+    return pipeline.Preprocessing.from_config(config.data, dataset, finish_on_device=on_device)
+
+
+@dataclasses.dataclass
+class TrainInput:
+    """Training batches as global device arrays; ``iterator``'s state goes in checkpoints."""
+
+    iterator: pipeline.BatchIterator
+    to_device: Callable[[dict[str, np.ndarray]], DeviceBatch]
+    loading: pipeline.Loading
+    preprocessing: pipeline.Preprocessing
+
+    def __iter__(self) -> TrainInput:
+        return self
+
+    def __next__(self) -> DeviceBatch:
+        return self.to_device(next(self.iterator))
+
+    def close(self) -> None:
+        self.iterator.close()
+
+
+def train_input(
+    config: ml_collections.ConfigDict, dataset: pipeline.Dataset, mesh: jax.sharding.Mesh
+) -> TrainInput:
+    """The training input of ``config`` on ``mesh``: this process's block of each global batch."""
+    shard_index, shard_count = sharding.process_data_shard(mesh)
+    prep = preprocessing(config, dataset)
+    read = loading(config)
+    iterator = pipeline.train_iterator(
+        dataset,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        preprocessing=prep,
+        loading=read,
+        # Processes on the same rows of the data axis read the same examples.
+        process_index=shard_index,
+        process_count=shard_count,
+    )
+    finish = None
+    if prep.finish_on_device:
+        finish = _device_finisher(device_augment.finish_training_batch, prep, mesh)
+
+    def to_device(local: dict[str, np.ndarray]) -> DeviceBatch:
+        batch = sharding.global_batch(mesh, local)
+        return finish(batch) if finish is not None else batch
+
+    return TrainInput(iterator, to_device, read, prep)
+
+
+def _device_finisher(
+    finish_fn: Callable[..., DeviceBatch],
+    prep: pipeline.Preprocessing,
+    mesh: jax.sharding.Mesh,
+    **options: object,
+) -> Callable[[DeviceBatch], DeviceBatch]:
+    """``finish_fn`` (a ``device_augment`` function) jitted, with the mean image on the devices."""
+    mean = jax.device_put(np.asarray(prep.mean, np.float32), sharding.replicated(mesh))
+    finish = jax.jit(
+        functools.partial(
+            finish_fn,
+            scale=prep.scale,
+            dtype=jnp.dtype(pipeline.numpy_dtype(prep.dtype)),
+            **options,
+        ),
+        out_shardings=sharding.batch_sharding(mesh),
+    )
+    return lambda batch: finish(batch, mean)
+
+
+def validation_batches(
+    config: ml_collections.ConfigDict,
+    dataset: pipeline.Dataset,
+    mesh: jax.sharding.Mesh,
+    *,
+    split: str = "val",
+) -> Iterator[DeviceBatch]:
+    """One pass over ``split`` (centre crops), padded to ``config.eval_batch_size`` with a
+    0/1 ``mask``, as global device arrays with the images finished."""
+    shard_index, shard_count = sharding.process_data_shard(mesh)
+    local_batch = config.eval_batch_size // shard_count
+    prep = preprocessing(config, dataset)
+    finish = None
+    if prep.finish_on_device:
+        finish = _device_finisher(
+            device_augment.finish_eval_batch, prep, mesh, crop_size=prep.crop_size
+        )
+    iterator = pipeline.eval_iterator(
+        dataset,
+        batch_size=config.eval_batch_size,
+        loading=loading(config),
+        preprocessing=prep,
+        split=split,
+        process_index=shard_index,
+        process_count=shard_count,
+    )
+    try:
+        for local in iterator:
+            batch = sharding.global_batch(mesh, inference.pad_batch(local, local_batch))
+            yield finish(batch) if finish is not None else batch
+    finally:
+        iterator.close()
