@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alexnet_jax import config_lib, export, import_weights, inference, predict, visualize
+from alexnet_jax import config_lib, errors, export, import_weights, inference, predict, visualize
 from alexnet_jax.data import prepare, records
 from tests.conftest import ROOT
 
@@ -509,9 +509,10 @@ def test_a_prepared_dataset_names_the_classes_if_its_order_is_the_weights(tmp_pa
     records.write_metadata(data_dir, {"classes": classes, "splits": {}})
     assert import_weights.class_source(str(tmp_path / "w"), 1000, data_dir, None) == data_dir
     records.write_metadata(data_dir, {"classes": classes[::-1], "splits": {}})
-    with pytest.raises(ValueError, match="not in the ILSVRC-2012 order"):
+    with pytest.raises(errors.UsageError, match="not in the ILSVRC-2012 order"):
         import_weights.class_source(str(tmp_path / "w"), 1000, data_dir, None)
-    with pytest.raises(ValueError, match="the weights have 10 outputs but .* 1000 classes"):
+    with pytest.raises(errors.UsageError, match="the weights have 10 outputs but .* 1000 classes"):
         import_weights.class_source(str(tmp_path / "w"), 10, data_dir, None)
-    with pytest.raises(ValueError, match="10 outputs, not ILSVRC-2012's 1000: pass --data_dir"):
+    no_data_dir = "10 outputs, not ILSVRC-2012's 1000: pass --data_dir"
+    with pytest.raises(errors.UsageError, match=no_data_dir):
         import_weights.class_source(str(tmp_path / "w"), 10, None, None)
