@@ -106,7 +106,8 @@ def test_every_project_exception_is_a_user_error_kind_or_named_internal():
 
 
 def _project_imports(path: str) -> set[str]:
-    tree = ast.parse(open(path).read())
+    with open(path) as f:
+        tree = ast.parse(f.read())
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("alexnet_jax"):
