@@ -13,9 +13,9 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from alexnet_jax import errors
-from alexnet_jax.errors import EXIT_NO_CHECKPOINT, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE
 
-__all__ = ["EXIT_NO_CHECKPOINT", "EXIT_OK", "EXIT_PARTIAL", "EXIT_USAGE"]
+# The exit codes, re-exported: the commands return cli.EXIT_*.
+from alexnet_jax.errors import EXIT_NO_CHECKPOINT, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE  # noqa: F401
 
 
 class QuietLibraryLogs(std_logging.Filter):

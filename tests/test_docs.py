@@ -138,3 +138,11 @@ def test_a_wrong_module_flag_field_or_config_is_reported():
 def test_every_command_names_a_real_module_config_flag_and_field(document):
     problems = _problems(_read(document))
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("document", README_AND_DOCS)
+def test_every_relative_link_and_image_names_a_file(document):
+    folder = os.path.dirname(os.path.join(ROOT, document))
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", _read(document))
+    missing = [t for t in targets if "://" not in t and not os.path.exists(os.path.join(folder, t))]
+    assert not missing, missing
