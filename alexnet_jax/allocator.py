@@ -6,7 +6,7 @@ and frees them when it ends. glibc serves blocks that large with a fresh
 mimalloc hands the same pages to the next step. It is told never to return
 freed memory to the OS (``MIMALLOC_PURGE_DELAY=-1``), since purging and
 re-faulting cost the same again; the price is that the process keeps its
-peak memory. The README's performance section has the measurements.
+peak memory. docs/performance.md has the measurements.
 
 An allocator can only be chosen when a process starts, so ``use`` re-executes
 the current command with ``LD_PRELOAD`` set, once, before any work is done.

@@ -30,18 +30,18 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from alexnet_jax import config_lib
+from alexnet_jax import config_lib, errors
 
 BEST_METRIC = "val_top1_error"
 T = TypeVar("T")
 QUARANTINE_DIR = "checkpoints_unusable"
 
 
-class NoUsableCheckpointError(RuntimeError):
+class NoUsableCheckpointError(errors.NoCheckpointError, RuntimeError):
     """The workdir holds checkpoints but none of them can be restored."""
 
 
-class CheckpointSaveError(RuntimeError):
+class CheckpointSaveError(errors.RunStoppedError, RuntimeError):
     """A background save failed (e.g. the disk is full): training must stop, cleanly."""
 
 

@@ -12,11 +12,10 @@ from typing import Any
 from absl import flags, logging
 from ml_collections import config_flags
 
-# Exit codes of every command (README, "Checkpoints and faults").
-EXIT_OK = 0
-EXIT_PARTIAL = 1  # Finished, but some inputs were reported (e.g. unreadable images).
-EXIT_USAGE = 2  # A user or environment mistake: a flag, a config field, a path.
-EXIT_NO_CHECKPOINT = 3  # The workdir holds no checkpoint that can be restored.
+from alexnet_jax import errors
+
+# The exit codes, re-exported: the commands return cli.EXIT_*.
+from alexnet_jax.errors import EXIT_NO_CHECKPOINT, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE  # noqa: F401
 
 
 class QuietLibraryLogs(std_logging.Filter):
@@ -71,26 +70,13 @@ def quiet_library_logs() -> None:
 
 
 def exit_code(error: BaseException) -> int | None:
-    """The exit code for a user or environment error; None for a bug (keep its traceback).
+    """The exit code of a user or environment error (its kind's); None for a bug.
 
-    The one mapping for every command. Imported here, not at the top, so that
-    light commands (prepare and its workers) do not load JAX to report an error.
+    The one mapping for every command: by the error's kind (``errors.py``)
+    alone, so a ValueError the project did not raise on purpose keeps its
+    traceback.
     """
-    from alexnet_jax import checkpoint, config_lib, diagnostics, inference, run_control, tuning
-
-    if isinstance(error, inference.CheckpointMissingError | checkpoint.NoUsableCheckpointError):
-        return EXIT_NO_CHECKPOINT
-    usage = (
-        config_lib.ConfigError,
-        tuning.SettingError,
-        run_control.WorkdirInUseError,
-        checkpoint.CheckpointSaveError,
-        diagnostics.StuckError,
-        FloatingPointError,
-        FileNotFoundError,
-        ValueError,
-    )
-    return EXIT_USAGE if isinstance(error, usage) else None
+    return error.exit_code if isinstance(error, errors.UserError) else None
 
 
 def run_reporting_errors(body: Callable[[], int]) -> int:

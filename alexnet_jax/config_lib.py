@@ -19,8 +19,10 @@ from typing import Any
 
 import ml_collections
 
+from alexnet_jax import errors
 
-class ConfigError(ValueError):
+
+class ConfigError(errors.UsageError, ValueError):
     """A config field holds a value the trainer cannot use."""
 
 

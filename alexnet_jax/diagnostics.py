@@ -13,7 +13,7 @@ import os
 import jax
 from absl import logging
 
-from alexnet_jax import flops
+from alexnet_jax import errors, flops
 
 STUCK_CAUSES = (
     "likely causes: the paper's init (config.model.init_scheme='paper': N(0, 0.01) weights "
@@ -23,7 +23,11 @@ STUCK_CAUSES = (
 )
 
 
-class StuckError(RuntimeError):
+class NotFiniteError(errors.RunStoppedError, FloatingPointError):
+    """The loss or the parameters became NaN or inf: the run stops with its last good checkpoint."""
+
+
+class StuckError(errors.RunStoppedError, RuntimeError):
     """Training stopped because it is stuck (``config.diagnostics.stop_when_stuck``)."""
 
 

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from alexnet_jax import checkpoint, cli, inference, metrics, progress, sharding, tuning
+from alexnet_jax import checkpoint, cli, errors, inference, metrics, progress, sharding, tuning
 from alexnet_jax.data import augment, device_augment, pipeline, writer
 
 CENTRE_VIEW = augment.TEN_CROP_POSITIONS.index("centre")  # The centre patch among the ten.
@@ -62,7 +62,9 @@ def resolve_step(workdir: str, which: str) -> int | None:
     if which.isdigit():
         return int(which)
     if which != "best":
-        raise ValueError(f"--checkpoint must be 'latest', 'best' or a step number, got {which!r}")
+        raise errors.UsageError(
+            f"--checkpoint must be 'latest', 'best' or a step number, got {which!r}"
+        )
     ckpt = checkpoint.Checkpointer(workdir, read_only=True)
     try:
         best = ckpt.best_step()

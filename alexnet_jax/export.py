@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from alexnet_jax import cli, inference, tuning
+from alexnet_jax import cli, errors, inference, tuning
 from alexnet_jax.data import augment
 
 DEFAULT_PLATFORMS = ("cpu", "cuda")
@@ -218,9 +218,9 @@ def _run() -> int:
         raise app.UsageError("--workdir is required")
     unknown = sorted(set(FLAGS.platforms or ()) - set(PLATFORMS))
     if unknown:
-        raise ValueError(f"--platforms: unknown {unknown}; accepted: {', '.join(PLATFORMS)}")
+        raise errors.UsageError(f"--platforms: unknown {unknown}; accepted: {', '.join(PLATFORMS)}")
     if importlib.util.find_spec("flatbuffers") is None:
-        raise ValueError(
+        raise errors.UsageError(
             "writing a jax.export file needs the flatbuffers package: "
             "pip install -r requirements-export.txt"
         )
@@ -233,7 +233,7 @@ def _run() -> int:
         exported = export_with_fallback(trained, FLAGS.platforms)
         save(trained, exported, output)
     except (ExportError, OSError) as e:
-        raise ValueError(str(e)) from None
+        raise errors.UsageError(str(e)) from None
     logging.info(
         "Exported step %d of %s for %s to %s (%.1f MB) and %s",
         trained.step,

@@ -37,7 +37,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
-from alexnet_jax import checkpoint, cli, config_lib, inference, model, tuning
+from alexnet_jax import checkpoint, cli, config_lib, errors, inference, model, tuning
 from alexnet_jax.data import pipeline, records, sources
 
 CONVS = ("conv1", "conv2", "conv3", "conv4", "conv5")
@@ -57,7 +57,7 @@ CLASSES_DIR = "classes"  # WORKDIR/classes: the class list, when no --data_dir i
 IMPORTED_STEP = 0
 
 
-class WeightsFormatError(ValueError):
+class WeightsFormatError(errors.UsageError, ValueError):
     """The file is not the format asked for, or not an AlexNet this project can run."""
 
 
@@ -384,19 +384,19 @@ def class_source(
             data_dir, how_to_prepare="python -m alexnet_jax.data.prepare ..."
         )
         if dataset.num_classes != num_classes:
-            raise ValueError(
+            raise errors.UsageError(
                 f"the weights have {num_classes} outputs but {data_dir} has "
                 f"{dataset.num_classes} classes"
             )
         ids = [c["id"] for c in dataset.metadata["classes"]]
         if num_classes == 1000 and ids != sources.ilsvrc2012_wnids():
-            raise ValueError(
+            raise errors.UsageError(
                 f"{data_dir}'s classes are not in the ILSVRC-2012 order of the weights' outputs "
                 "(sorted wnids)"
             )
         return os.path.abspath(os.path.expanduser(data_dir))
     if num_classes != 1000:
-        raise ValueError(
+        raise errors.UsageError(
             f"the weights have {num_classes} outputs, not ILSVRC-2012's 1000: pass "
             "--data_dir=the prepared dataset whose classes they predict"
         )
@@ -408,7 +408,7 @@ def read_layers(path: str, source_format: str) -> dict[str, tuple[np.ndarray, np
     """{layer: (weight, bias)} in PyTorch's layouts, from a file of ``source_format``."""
     path = os.path.expanduser(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--source={path}: no such file")
+        raise errors.UsageError(f"--source={path}: no such file")
     if source_format == "torchvision":
         return torchvision_layers(read_state_dict(path))
     return caffe_layers(read_caffemodel(path))
@@ -425,14 +425,18 @@ def import_weights(
 ) -> ml_collections.ConfigDict:
     """Writes ``path``'s weights into ``workdir`` as checkpoint step 0; returns its config."""
     if source_format not in FORMATS:
-        raise ValueError(f"--format={source_format!r}; accepted: one of {tuple(FORMATS)}")
+        raise errors.UsageError(f"--format={source_format!r}; accepted: one of {tuple(FORMATS)}")
     source = FORMATS[source_format]
     variant = variant or source.variants[0]
     if variant not in source.variants:
-        raise ValueError(f"--variant={variant!r}: {source_format} weights are {source.variants}")
+        raise errors.UsageError(
+            f"--variant={variant!r}: {source_format} weights are {source.variants}"
+        )
     workdir = os.path.abspath(os.path.expanduser(workdir))
     if os.path.isdir(os.path.join(workdir, "checkpoints")):
-        raise ValueError(f"{workdir} already holds checkpoints: import into an empty --workdir")
+        raise errors.UsageError(
+            f"{workdir} already holds checkpoints: import into an empty --workdir"
+        )
     layers = read_layers(path, source_format)
     num_classes = len(layers["fc8"][1])
     params = to_params(layers, model.VARIANTS[variant].towers)

@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from alexnet_jax import checkpoint, config_lib, tuning
+from alexnet_jax import checkpoint, config_lib, errors, tuning
 from alexnet_jax.data import augment, pipeline, writer
 from alexnet_jax.model import AlexNet
 
@@ -61,11 +61,11 @@ def abstract_params(model: AlexNet, sharding: Any = None, *, crop_size: int = CR
     )
 
 
-class CheckpointMissingError(FileNotFoundError):
+class CheckpointMissingError(errors.NoCheckpointError, FileNotFoundError):
     """The workdir holds no checkpoint to load."""
 
 
-class MissingConfigError(ValueError):
+class MissingConfigError(errors.UsageError, ValueError):
     """An old checkpoint saved without its config, and none was given."""
 
 
@@ -208,7 +208,7 @@ def load_trained(
         ),
     )
     if dataset.num_classes != run.model.num_classes:
-        raise ValueError(
+        raise errors.UsageError(
             f"The dataset in {dataset.data_dir} has {dataset.num_classes} classes but the model "
             f"in {workdir} has {run.model.num_classes} outputs: pass the right --data_dir"
         )

@@ -15,8 +15,10 @@ import time
 
 from jax.experimental import multihost_utils
 
+from alexnet_jax import errors
 
-class WorkdirInUseError(RuntimeError):
+
+class WorkdirInUseError(errors.RunStoppedError, RuntimeError):
     """Another process is already training in this workdir."""
 
 

@@ -28,6 +28,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from alexnet_jax import errors
+
 DATA_AXIS = "data"
 TOWER_AXIS = "tower"
 
@@ -163,7 +165,7 @@ def process_data_shard(mesh: Mesh) -> tuple[int, int]:
     distinct = sorted(set(blocks.values()))
     rows = [r for block in distinct for r in block]
     if len(rows) != len(set(rows)) or len({len(b) for b in distinct}) != 1:
-        raise ValueError(
+        raise errors.UsageError(
             f"processes hold overlapping or uneven rows of the data axis: {blocks}; "
             "choose a mesh_shape whose data rows each lie within one process"
         )

@@ -208,11 +208,11 @@ def _last_good(ckpt: checkpoint.Checkpointer) -> str:
 def _stop_if_not_finite(
     losses: list[float], first_step: int, ckpt: checkpoint.Checkpointer
 ) -> None:
-    """Raises FloatingPointError naming the first step whose loss is NaN or inf."""
+    """Raises NotFiniteError naming the first step whose loss is NaN or inf."""
     for i, loss in enumerate(losses):
         if not math.isfinite(loss):
             ckpt.wait()  # Saves already under way hold finite states: let them finish.
-            raise FloatingPointError(
+            raise diagnostics.NotFiniteError(
                 f"Loss is {loss} at step {first_step + i}: stopping. {_last_good(ckpt)} "
                 "Consider a lower config.optim.learning_rate, or check the input data."
             )
@@ -464,7 +464,7 @@ def _train_and_evaluate(
             _stop_if_not_finite([float(x) for x in losses], step - len(pending) + 1, ckpt)
             if not bool(metrics.all_finite(state.params)):
                 ckpt.wait()
-                raise FloatingPointError(
+                raise diagnostics.NotFiniteError(
                     f"Parameters are not finite after step {step}: stopping. {_last_good(ckpt)}"
                 )
             val = {f"val_{k}": v for k, v in eval_metrics.items()} if evaluated else None

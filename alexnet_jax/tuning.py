@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from alexnet_jax import model
+from alexnet_jax import errors, model
 
 # --- Process-level settings (environment variables, read once per process) ---
 
@@ -62,7 +62,7 @@ YNN_FLAG_TESTED_JAXLIB = ((0, 10), (0, 12))  # Oldest and newest (major, minor) 
 _ACCELERATOR_PLUGIN_PREFIXES = ("jax-cuda", "jax_cuda", "jax-rocm", "jax_rocm", "libtpu")
 
 
-class SettingError(ValueError):
+class SettingError(errors.UsageError, ValueError):
     """A process-level setting (environment variable) has a value outside its choices."""
 
 

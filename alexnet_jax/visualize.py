@@ -30,6 +30,7 @@ from PIL import Image, ImageDraw
 from alexnet_jax import (
     checkpoint,
     cli,
+    errors,
     inference,
     tuning,
 )
@@ -493,7 +494,7 @@ def run_neighbours(image_paths: Sequence[str]) -> str:
             except inference.IMAGE_ERRORS as e:
                 logging.warning("Skipping query %s: %s", path, e)
         if not images:
-            raise ValueError("None of the query images could be read")
+            raise errors.UsageError("None of the query images could be read")
         query_images, labels = np.stack(images), [None] * len(images)
     else:
         n = trained.dataset.num_examples(FLAGS.query_split)
@@ -501,7 +502,7 @@ def run_neighbours(image_paths: Sequence[str]) -> str:
             indices = [int(i) for i in FLAGS.query_indices]
             bad = [i for i in indices if not 0 <= i < n]
             if bad:
-                raise ValueError(
+                raise errors.UsageError(
                     f"--query_indices {bad} outside the {n} {FLAGS.query_split} images"
                 )
         else:
@@ -532,7 +533,7 @@ def run_curves() -> str:
     workdir = FLAGS.workdir
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
-        raise FileNotFoundError(
+        raise errors.UsageError(
             f"No {path}: train first (python launch.py ... --workdir={workdir})"
         )
     curves = read_metrics(path)

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from alexnet_jax import checkpoint, evaluate, inference, optim, predict, train
+from alexnet_jax import checkpoint, errors, evaluate, inference, optim, predict, train
 from alexnet_jax.data import pipeline, records
 from tests.conftest import ROOT, tiny_config
 
@@ -99,7 +99,7 @@ def test_checkpoint_choice_resolves_latest_best_and_steps(second_workdir):
     assert evaluate.resolve_step(second_workdir, "latest") is None
     assert evaluate.resolve_step(second_workdir, "best") == 2
     assert evaluate.resolve_step(second_workdir, "3") == 3
-    with pytest.raises(ValueError, match="'latest', 'best' or a step"):
+    with pytest.raises(errors.UsageError, match="'latest', 'best' or a step"):
         evaluate.resolve_step(second_workdir, "newest")
 
 

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alexnet_jax import config_lib, export, import_weights, inference, predict, visualize
-from alexnet_jax.data import prepare, records
+from alexnet_jax import config_lib, errors, export, import_weights, inference, predict, visualize
+from alexnet_jax.data import records, sources
 from tests.conftest import ROOT
 
 TORCHVISION_MEAN = np.array([0.485, 0.456, 0.406])  # torchvision's Normalize, on [0, 1].
@@ -279,7 +279,7 @@ def test_torchvision_import_names_the_variant_its_input_and_classes(torchvision_
     assert trained.config.data.rgb_std == (58.395, 57.12, 57.375)
     assert trained.params["conv1"]["kernel"].shape == (1, 11, 11, 3, 64)
     assert trained.params["fc6"]["kernel"].shape == (1, 9216, 4096)
-    assert [c["id"] for c in trained.classes] == prepare.ilsvrc2012_wnids()
+    assert [c["id"] for c in trained.classes] == sources.ilsvrc2012_wnids()
     assert trained.classes[0] == {"id": "n01440764", "name": "n01440764"}
 
 
@@ -318,7 +318,7 @@ def test_predict_top5_equals_torchs_on_a_saved_image(torchvision_import, photo):
     top6 = np.sort(probabilities)[::-1][:6]
     assert (-np.diff(top6) / top6[1:]).min() > 1e-4  # Ranks apart by far more than rounding.
     assert [p["class_index"] for p in result["top"]] == top5.tolist()
-    assert [p["id"] for p in result["top"]] == [prepare.ilsvrc2012_wnids()[i] for i in top5]
+    assert [p["id"] for p in result["top"]] == [sources.ilsvrc2012_wnids()[i] for i in top5]
     np.testing.assert_allclose(
         [p["probability"] for p in result["top"]], probabilities[top5], rtol=1e-4
     )
@@ -502,16 +502,17 @@ def test_the_imported_config_is_a_valid_locked_config():
 
 
 def test_a_prepared_dataset_names_the_classes_if_its_order_is_the_weights(tmp_path):
-    wnids = prepare.ilsvrc2012_wnids()
+    wnids = sources.ilsvrc2012_wnids()
     data_dir = str(tmp_path / "prepared")
     os.makedirs(data_dir)
     classes = [{"id": w, "name": f"class {i}"} for i, w in enumerate(wnids)]
     records.write_metadata(data_dir, {"classes": classes, "splits": {}})
     assert import_weights.class_source(str(tmp_path / "w"), 1000, data_dir, None) == data_dir
     records.write_metadata(data_dir, {"classes": classes[::-1], "splits": {}})
-    with pytest.raises(ValueError, match="not in the ILSVRC-2012 order"):
+    with pytest.raises(errors.UsageError, match="not in the ILSVRC-2012 order"):
         import_weights.class_source(str(tmp_path / "w"), 1000, data_dir, None)
-    with pytest.raises(ValueError, match="the weights have 10 outputs but .* 1000 classes"):
+    with pytest.raises(errors.UsageError, match="the weights have 10 outputs but .* 1000 classes"):
         import_weights.class_source(str(tmp_path / "w"), 10, data_dir, None)
-    with pytest.raises(ValueError, match="10 outputs, not ILSVRC-2012's 1000: pass --data_dir"):
+    no_data_dir = "10 outputs, not ILSVRC-2012's 1000: pass --data_dir"
+    with pytest.raises(errors.UsageError, match=no_data_dir):
         import_weights.class_source(str(tmp_path / "w"), 10, None, None)

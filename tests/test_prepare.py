@@ -15,12 +15,12 @@ import pytest
 from array_record.python.array_record_module import ArrayRecordReader
 from PIL import Image
 
-from alexnet_jax.data import pipeline, prepare, records, writer
+from alexnet_jax.data import listing, pipeline, prepare, records, shards, sources, writer
 from tests.conftest import ROOT, SHARED_SAMPLES
 
 # The first six ILSVRC-2012 validation images' classes, so a miniature val
 # tar labelled from the tfds copy of validation_labels.txt has known labels.
-VAL_WNIDS = prepare.ilsvrc2012_validation_wnids()[:6]
+VAL_WNIDS = sources.ilsvrc2012_validation_wnids()[:6]
 
 
 def _jpeg(seed: int, size=(300, 220), mode="RGB", fmt="JPEG") -> bytes:
@@ -126,7 +126,7 @@ def test_statistics_equal_direct_numpy_computation(folder_prepared):
 def test_interrupted_run_resumes_to_identical_output(folder_prepared, tmp_path, monkeypatch):
     source, reference, _ = folder_prepared
     out = str(tmp_path / "out")
-    real_prepare_shard = prepare.prepare_shard
+    real_prepare_shard = shards.prepare_shard
     calls = []
 
     def interrupted(task):
@@ -135,7 +135,7 @@ def test_interrupted_run_resumes_to_identical_output(folder_prepared, tmp_path, 
         calls.append(task.index)
         return real_prepare_shard(task)
 
-    monkeypatch.setattr(prepare, "prepare_shard", interrupted)
+    monkeypatch.setattr(shards, "prepare_shard", interrupted)
     with pytest.raises(KeyboardInterrupt):
         prepare.prepare(source, out, examples_per_shard=5, num_workers=0)
     assert records.read_metadata(out) is None  # Not marked complete.
@@ -144,7 +144,7 @@ def test_interrupted_run_resumes_to_identical_output(folder_prepared, tmp_path, 
     mtimes = {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in finished}
     _write(os.path.join(out, "train-00002-of-00004.array_record.tmp"), b"half written")
 
-    monkeypatch.setattr(prepare, "prepare_shard", real_prepare_shard)
+    monkeypatch.setattr(shards, "prepare_shard", real_prepare_shard)
     prepare.prepare(source, out, examples_per_shard=5, num_workers=2)  # Resume with workers.
     for name in finished:  # Finished shards were kept, not redone.
         assert os.stat(os.path.join(out, name)).st_mtime_ns == mtimes[name]
@@ -160,11 +160,50 @@ def test_interrupted_run_resumes_to_identical_output(folder_prepared, tmp_path, 
     assert sorted(os.listdir(out)) == produced
 
 
+def test_shards_are_the_bytes_the_format_functions_give_in_the_documented_order(
+    folder_prepared, tmp_path
+):
+    """Listing, reading and shard writing, checked against a path that uses none of them.
+
+    The reference lists the folder by hand (classes and files sorted, every
+    image-named file an input, shards of 5 inputs with bad files left out of
+    their shard) and writes each shard with writer's functions alone. Equal
+    bytes mean prepare's listing, reading and sharding add, drop and reorder
+    nothing: what its split into modules must keep (the resume test covers
+    worker processes against this in-process output).
+    """
+    source, out, metadata = folder_prepared
+    per_shard = 5
+    for split in ("train", "val"):
+        split_dir = os.path.join(source, split)
+        inputs = [
+            (os.path.join(split_dir, wnid, name), label, f"{split}/{wnid}/{name}")
+            for label, wnid in enumerate(sorted(os.listdir(split_dir)))
+            for name in sorted(os.listdir(os.path.join(split_dir, wnid)))
+        ]
+        chunks = [inputs[i : i + per_shard] for i in range(0, len(inputs), per_shard)]
+        assert metadata["splits"][split]["num_shards"] == len(chunks)
+        for index, chunk in enumerate(chunks):
+            examples = []
+            for path, label, key in chunk:
+                with open(path, "rb") as f:
+                    data = f.read()
+                try:
+                    image, _ = writer.prepare_image(data)
+                except writer.BadImageError:
+                    continue
+                examples.append((writer.encode_jpeg(image), label, key))
+            name = records.shard_filename(split, index, len(chunks))
+            writer.write_shard(str(tmp_path / name), examples)
+            with open(tmp_path / name, "rb") as ours, open(os.path.join(out, name), "rb") as f:
+                assert f.read() == ours.read(), name
+
+
 def test_missing_or_wrong_source_fails_saying_what_was_expected(tmp_path):
-    with pytest.raises(prepare.SourceError, match="does not exist.*ILSVRC2012_img_train.tar"):
+    with pytest.raises(sources.SourceError, match="does not exist.*ILSVRC2012_img_train.tar"):
         prepare.prepare(str(tmp_path / "nowhere"), str(tmp_path / "out"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(prepare.SourceError, match="none of the accepted layouts.*<class>/\\*.jpg"):
+    with pytest.raises(sources.SourceError, match="none of the accepted layouts.*<class>/\\*.jpg"):
         prepare.prepare(str(tmp_path / "empty"), str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out")
 
@@ -241,7 +280,7 @@ def test_train_folder_without_val_is_split_and_named_by_flag_or_folder(tmp_path)
 def test_classes_too_small_to_split_are_all_named_with_their_folders(tmp_path):
     source = _class_folders(str(tmp_path / "src"), {"big": 5, "one": 1, "none": 0})
     os.makedirs(tmp_path / "src" / "none", exist_ok=True)
-    with pytest.raises(prepare.SourceError) as e:
+    with pytest.raises(sources.SourceError) as e:
         prepare.prepare(source, str(tmp_path / "out"), num_workers=0)
     message = str(e.value)
     assert f"{tmp_path / 'src' / 'one'} (1 image)" in message and "but 2 have fewer" in message
@@ -252,14 +291,14 @@ def test_classes_too_small_to_split_are_all_named_with_their_folders(tmp_path):
     # Without a val split nothing needs splitting.
     metadata = prepare.prepare(source, str(tmp_path / "out"), num_workers=0, splits=["train"])
     assert metadata["splits"] == {"train": {"num_examples": 6, "num_shards": 1}}
-    with pytest.raises(prepare.SourceError, match="--val_fraction=1.0 must be in"):
+    with pytest.raises(sources.SourceError, match="--val_fraction=1.0 must be in"):
         prepare.prepare(source, str(tmp_path / "x"), val_fraction=1.0)
 
 
 def test_images_without_class_folders_say_how_to_arrange_them(tmp_path):
     for i in range(3):
         _write(str(tmp_path / "src" / f"photo_{i}.jpg"), _jpeg(i, (64, 48)))
-    with pytest.raises(prepare.SourceError, match=r"holds 3 images but no class folders.*<class>"):
+    with pytest.raises(sources.SourceError, match=r"holds 3 images but no class folders.*<class>"):
         prepare.prepare(str(tmp_path / "src"), str(tmp_path / "out"))
 
 
@@ -271,14 +310,14 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def test_ilsvrc_tar_layout_with_nested_class_tars(tmp_path):
     wnids = sorted(set(VAL_WNIDS))
-    with tarfile.open(tmp_path / prepare.TRAIN_TAR, "w") as outer:
+    with tarfile.open(tmp_path / listing.TRAIN_TAR, "w") as outer:
         for c, wnid in enumerate(wnids):
             inner_bytes = io.BytesIO()
             with tarfile.open(fileobj=inner_bytes, mode="w") as inner:
                 for i in range(3):
                     _add_bytes(inner, f"{wnid}_{i}.JPEG", _jpeg(20 * c + i))
             _add_bytes(outer, f"{wnid}.tar", inner_bytes.getvalue())
-    with tarfile.open(tmp_path / prepare.VAL_TAR, "w") as val:
+    with tarfile.open(tmp_path / listing.VAL_TAR, "w") as val:
         for i in range(len(VAL_WNIDS)):
             _add_bytes(val, f"ILSVRC2012_val_{i + 1:08d}.JPEG", _jpeg(900 + i))
     out = str(tmp_path / "out")
@@ -531,30 +570,30 @@ def test_a_failing_worker_ends_the_run_at_once_naming_its_shard(tmp_path):
     out = tmp_path / "out"
     # The first shard's report cannot be written: a bug-like fault of the worker, not of a file.
     report = records.shard_filename("train", 0, 3) + ".json.tmp"
-    os.makedirs(out / prepare.PROGRESS_DIR / report)
+    os.makedirs(out / shards.PROGRESS_DIR / report)
     start = time.time()
-    with pytest.raises(prepare.WorkerError, match=r"(?s)train shard 1 of 3.*IsADirectoryError"):
+    with pytest.raises(shards.WorkerError, match=r"(?s)train shard 1 of 3.*IsADirectoryError"):
         prepare.prepare(str(tmp_path / "src"), str(out), examples_per_shard=2, num_workers=2)
     assert time.time() - start < 60
     assert records.read_metadata(str(out)) is None
 
 
 def test_map_unordered_yields_every_result():
-    assert sorted(prepare.map_unordered(abs, [-1, -2, 3, -4], 2)) == [1, 2, 3, 4]
+    assert sorted(shards.map_unordered(abs, [-1, -2, 3, -4], 2)) == [1, 2, 3, 4]
 
 
 def test_map_unordered_cancels_the_rest_on_the_first_failure():
     # time.sleep(-1) raises; the 40 three-second sleeps would take 60 s on two workers.
     start = time.time()
-    with pytest.raises(prepare.WorkerError, match="(?s)preparing -1 failed.*non-negative"):
-        for _ in prepare.map_unordered(time.sleep, [-1] + [3] * 40, 2):
+    with pytest.raises(shards.WorkerError, match="(?s)preparing -1 failed.*non-negative"):
+        for _ in shards.map_unordered(time.sleep, [-1] + [3] * 40, 2):
             pass
     assert time.time() - start < 30
 
 
 def test_map_unordered_reports_a_worker_that_died():
-    with pytest.raises(prepare.WorkerError, match="worker process died while preparing 3"):
-        list(prepare.map_unordered(os._exit, [3], 1))
+    with pytest.raises(shards.WorkerError, match="worker process died while preparing 3"):
+        list(shards.map_unordered(os._exit, [3], 1))
 
 
 def test_a_tfrecord_tfds_build_is_named_with_the_command_that_makes_a_readable_one(tmp_path):
@@ -572,7 +611,7 @@ def test_a_tfrecord_tfds_build_is_named_with_the_command_that_makes_a_readable_o
         renamed = name.replace(".array_record-", ".tfrecord-")
         os.rename(os.path.join(data_dir, name), os.path.join(data_dir, renamed))
     expected = "is built as tfrecord files"
-    with pytest.raises(prepare.SourceError, match=expected) as error:
+    with pytest.raises(sources.SourceError, match=expected) as error:
         prepare.prepare(data_dir, str(tmp_path / "out"), examples_per_shard=4, num_workers=0)
     assert "--file_format=array_record" in str(error.value)
     assert "Build it first" not in str(error.value)

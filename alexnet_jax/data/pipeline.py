@@ -29,6 +29,7 @@ import simplejpeg
 from absl import flags, logging
 from PIL import Image
 
+from alexnet_jax import errors
 from alexnet_jax.data import augment, records, sources, writer
 
 CROP_SIZE = augment.CROP_SIZE
@@ -37,7 +38,7 @@ PCA_STATS_SOURCES = ("prepared", "paper")
 DTYPES = ("float32", "bfloat16")
 
 
-class DatasetMissingError(FileNotFoundError):
+class DatasetMissingError(errors.UsageError, FileNotFoundError):
     """The prepared data a config points at does not exist."""
 
 

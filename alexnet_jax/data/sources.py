@@ -12,11 +12,13 @@ import dataclasses
 import json
 import os
 
+from alexnet_jax import errors
+
 SPLITS = ("train", "val")
 TFDS_SPLITS = {"train": "train", "val": "validation"}
 
 
-class SourceError(ValueError):
+class SourceError(errors.UsageError, ValueError):
     """The --source path is missing or is not one of the accepted layouts."""
 
 

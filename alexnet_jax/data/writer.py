@@ -158,7 +158,7 @@ class RgbStatistics:
 
 
 class BadImageError(Exception):
-    """An input file that cannot be used; ``kind`` is one of prepare.BAD_KINDS."""
+    """An input file that cannot be used; ``kind`` is one of reading.BAD_KINDS."""
 
     def __init__(self, kind: str, reason: str):
         super().__init__(reason)

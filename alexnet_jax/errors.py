@@ -1,0 +1,39 @@
+"""The kinds of error a user can act on, each carrying the exit code every command gives it.
+
+Every exception the project raises for a user's or the environment's mistake
+derives from one kind here, so ``cli`` maps an error to its exit code by its
+kind alone. Anything else (a ValueError from deep in NumPy, say) is a bug and
+keeps its traceback. This module imports nothing: every layer may use it.
+"""
+
+from __future__ import annotations
+
+# Exit codes of every command (docs/faults.md).
+EXIT_OK = 0
+EXIT_PARTIAL = 1  # Finished, but some inputs were reported (e.g. unreadable images).
+EXIT_USAGE = 2  # A user or environment mistake: a flag, a config field, a path.
+EXIT_NO_CHECKPOINT = 3  # The workdir holds no checkpoint that can be restored.
+
+
+class UserError(Exception):
+    """A mistake the message says how to fix: shown as one ``error:`` line, no traceback."""
+
+    exit_code: int = EXIT_USAGE
+
+
+class UsageError(UserError):
+    """A flag, config field, path, file or environment setting the run cannot use as given."""
+
+    exit_code = EXIT_USAGE
+
+
+class RunStoppedError(UserError):
+    """The run stopped itself for a cause it names: a diverged loss, a full disk, a busy workdir."""
+
+    exit_code = EXIT_USAGE
+
+
+class NoCheckpointError(UserError):
+    """The workdir holds no checkpoint that can be restored."""
+
+    exit_code = EXIT_NO_CHECKPOINT
