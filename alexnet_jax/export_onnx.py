@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+from absl import logging
 from onnx import TensorProto, helper, numpy_helper
 
 from alexnet_jax import export, inference, model
@@ -256,26 +257,35 @@ def normalization(trained: inference.TrainedModel) -> str:
         mean = "the training set's mean RGB"
     else:
         mean = f"the central {p.crop_size}x{p.crop_size} patch of the training set's mean image"
-    scale = np.asarray(p.scale, np.float32).tolist()
-    return f"pixels (0-255) minus {mean}, times {scale}"
+    scale = np.asarray(p.scale, np.float32)
+    times = f", times {scale.tolist()}" if np.any(scale != 1.0) else ""
+    return f"pixels (0-255) minus {mean}{times}"
 
 
 def describe_graph(trained: inference.TrainedModel) -> str:
     """The graph's doc_string: what it is, what goes in, what comes out."""
     m, crop = trained.config.model, trained.preprocessing.crop_size
+    full = trained.preprocessing.mean.shape[0]  # The prepared image's side.
     return (
         f"AlexNet, variant {m.variant} (alexnet_jax), width {m.width}, {m.num_classes} classes, "
         f"checkpoint step {trained.step}. Input '{INPUT_NAME}': b x {crop} x {crop} x 3 uint8 "
         f"RGB, the central {crop}x{crop} patch of an image whose shorter side was resized to "
-        f"256 and centre-cropped to 256x256. Inside: {normalization(trained)}; the network in "
-        f"float32 (no dropout). Output '{OUTPUT_NAME}': b x {m.num_classes} softmax "
+        f"{full} and centre-cropped to {full}x{full}. Inside: {normalization(trained)}; the "
+        f"network in float32 (no dropout). Output '{OUTPUT_NAME}': b x {m.num_classes} softmax "
         "probabilities; the class list is in the .json file written beside this one."
     )
 
 
 def build(trained: inference.TrainedModel) -> onnx.ModelProto:
-    """The trained model's probabilities as an ONNX model, checked by ``onnx.checker``."""
+    """The trained model's probabilities as an ONNX model, shapes inferred, checked."""
     p = trained.preprocessing
+    dtypes = {trained.config.model.compute_dtype, trained.config.data.dtype}
+    if dtypes != {"float32"}:
+        logging.warning(
+            "The ONNX graph computes in float32; this run's predict computes in %s "
+            "(model.compute_dtype, data.dtype), so their probabilities differ at that precision",
+            "/".join(sorted(dtypes - {"float32"})),
+        )
     graph = network_graph(
         trained.model,
         trained.params,
@@ -293,7 +303,9 @@ def build(trained: inference.TrainedModel) -> onnx.ModelProto:
         "normalization": normalization(trained),
         "checkpoint_step": str(trained.step),
     }
-    onnx_model = make_model(graph, metadata)
+    # Every tensor's shape written into the graph (Netron shows them); strict: fails if any
+    # node's shapes do not follow.
+    onnx_model = onnx.shape_inference.infer_shapes(make_model(graph, metadata), strict_mode=True)
     onnx.checker.check_model(onnx_model, full_check=True)
     return onnx_model
 
