@@ -12,7 +12,7 @@ in the program, so the file alone runs it (no checkpoint, dataset or this
 package's model code); ``F.json`` beside it names the classes, the input and
 the preprocessing. By default it is lowered for CPU and CUDA (lowering needs
 no GPU), so a file made on a CPU host runs on a GPU. Run it back with
-``load`` (a jax program; README, "Export")::
+``load`` (a jax program; docs/export.md)::
 
     probabilities = export.load("alexnet.jax_exported")(crops_Bx224x224x3_uint8)
 

@@ -42,8 +42,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from alexnet_jax import export, inference, model
 
-# Every op used here has had its present definition since opset 14 at the latest; 17 is read by
-# onnxruntime >= 1.12, TensorRT >= 8.6 and OpenVINO >= 2022.3.
+# Every op used here has had its present definition since opset 14 at the latest; 17 (ONNX 1.12,
+# 2022) is old enough for any current runtime to read.
 OPSET = 17
 INPUT_NAME = "pixels"
 OUTPUT_NAME = "probabilities"
