@@ -120,8 +120,11 @@ def random_trained(config, dataset, images, seed: int = 0) -> inference.TrainedM
     return dataclasses.replace(trained, params={**params, "fc8": fc8})
 
 
-def run_onnx(serialized: bytes, crops_BxSxSx3: np.ndarray) -> np.ndarray:
-    session = ort.InferenceSession(serialized, providers=["CPUExecutionProvider"])
+def run_onnx(model_file: bytes | ort.InferenceSession, crops_BxSxSx3: np.ndarray) -> np.ndarray:
+    """Probabilities from onnxruntime's CPU provider, for a serialized model or its session."""
+    session = model_file
+    if not isinstance(session, ort.InferenceSession):
+        session = ort.InferenceSession(model_file, providers=["CPUExecutionProvider"])
     return session.run(None, {export_onnx.INPUT_NAME: crops_BxSxSx3})[0]
 
 
@@ -150,8 +153,9 @@ def test_onnxruntime_gives_predicts_probabilities_for_two_batch_sizes(variant, e
     onnx.checker.check_model(onnx.load_from_string(serialized), full_check=True)
     crops = centre_patches(trained, images)
     expected = predict.predict_probabilities(trained, images, batch_size=5)
-    for n in (5, 1):  # One file, one symbolic batch dimension.
-        assert_same_probabilities(run_onnx(serialized, crops[:n]), expected[:n])
+    session = ort.InferenceSession(serialized, providers=["CPUExecutionProvider"])
+    for n in (5, 1):  # One file and session, one symbolic batch dimension.
+        assert_same_probabilities(run_onnx(session, crops[:n]), expected[:n])
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -267,5 +271,6 @@ def test_full_size_nets_give_predicts_probabilities(variant, dataset, images):
     serialized = export_onnx.build(trained).SerializeToString()
     crops = centre_patches(trained, images)
     expected = predict.predict_probabilities(trained, images, batch_size=5)
-    for n in (5, 1):  # One file, one symbolic batch dimension.
-        assert_same_probabilities(run_onnx(serialized, crops[:n]), expected[:n])
+    session = ort.InferenceSession(serialized, providers=["CPUExecutionProvider"])
+    for n in (5, 1):  # One file and session, one symbolic batch dimension.
+        assert_same_probabilities(run_onnx(session, crops[:n]), expected[:n])
