@@ -1,7 +1,8 @@
-"""A trained model as one portable file: serialized StableHLO (``jax.export``), params inside.
+"""A trained model as one portable file: serialized StableHLO (``jax.export``) or ONNX.
 
     python -m alexnet_jax.export --workdir=/tmp/alexnet_demo  # -> DIR/export/alexnet.jax_exported
     python -m alexnet_jax.export --workdir=DIR --output=F --platforms=cpu
+    python -m alexnet_jax.export --workdir=DIR --format=onnx  # -> DIR/export/alexnet.onnx
 
 The file holds predict's centre-crop computation, from the pixels of the
 central 224x224 patch of a prepared image (uint8, any batch size) to the
@@ -11,11 +12,13 @@ in the program, so the file alone runs it (no checkpoint, dataset or this
 package's model code); ``F.json`` beside it names the classes, the input and
 the preprocessing. By default it is lowered for CPU and CUDA (lowering needs
 no GPU), so a file made on a CPU host runs on a GPU. Run it back with
-``load`` (a jax program; README, "Export")::
+``load`` (a jax program; docs/export.md)::
 
     probabilities = export.load("alexnet.jax_exported")(crops_Bx224x224x3_uint8)
 
 Serialization needs the ``flatbuffers`` package (``requirements-export.txt``).
+``--format=onnx`` writes the same function as an ONNX graph instead
+(``alexnet_jax/export_onnx.py``; needs the ``onnx`` package).
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ DEFAULT_PLATFORMS = ("cpu", "cuda")
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # What jax.export lowers for.
 INPUT_DTYPE = "uint8"
 FORMAT = "jax.export serialized StableHLO"
+# --format values -> the default file name under WORKDIR/export/.
+FORMATS = {"stablehlo": "alexnet.jax_exported", "onnx": "alexnet.onnx"}
 
 
 class ExportError(RuntimeError):
@@ -115,14 +120,21 @@ def export_with_fallback(
 
 def describe(trained: inference.TrainedModel, exported: jax.export.Exported) -> dict[str, Any]:
     """What a consumer of the file must know: classes, input, preprocessing, platforms."""
-    config, p = trained.config, trained.preprocessing
-    crop, full = p.crop_size, p.mean.shape[0]
     return {
         "format": FORMAT,
         "load": "alexnet_jax.export.load(path), or jax.export.deserialize(bytes).call(pixels)",
         "platforms": list(exported.platforms),
         "calling_convention_version": exported.calling_convention_version,
         "jax_version": jax.__version__,
+        **describe_model(trained),
+    }
+
+
+def describe_model(trained: inference.TrainedModel) -> dict[str, Any]:
+    """What every format's description says: step, input, what is inside, output, classes."""
+    config, p = trained.config, trained.preprocessing
+    crop, full = p.crop_size, p.mean.shape[0]
+    return {
         "checkpoint_step": trained.step,
         "input": {
             "shape": ["b", crop, crop, 3],
@@ -169,8 +181,12 @@ def write_atomically(path: str, data: bytes) -> None:
 def save(trained: inference.TrainedModel, exported: jax.export.Exported, path: str) -> None:
     """The serialized program at ``path``, its description at ``metadata_path(path)``."""
     write_atomically(path, bytes(exported.serialize()))
-    description = json.dumps(describe(trained, exported), indent=1) + "\n"
-    write_atomically(metadata_path(path), description.encode())
+    save_description(describe(trained, exported), path)
+
+
+def save_description(description: dict[str, Any], path: str) -> None:
+    """``description`` as JSON at ``metadata_path(path)``."""
+    write_atomically(metadata_path(path), (json.dumps(description, indent=1) + "\n").encode())
 
 
 def load(path: str) -> Callable[[Any], jax.Array]:
@@ -196,16 +212,22 @@ def define_flags() -> None:
     """The command's flags, defined only when it runs (tools never clash on import)."""
     cli.define_checkpoint_flags()
     flags.DEFINE_string(
+        "format",
+        "stablehlo",
+        f"What to write, one of {', '.join(FORMATS)}: a jax.export file of StableHLO, or an "
+        "ONNX graph (onnxruntime, TensorRT, OpenVINO).",
+    )
+    flags.DEFINE_string(
         "output",
         None,
-        "File to write (default WORKDIR/export/alexnet.jax_exported); its description goes to "
-        "OUTPUT.json.",
+        "File to write (default WORKDIR/export/alexnet.jax_exported, or alexnet.onnx); its "
+        "description goes to OUTPUT.json.",
     )
     flags.DEFINE_list(
         "platforms",
         None,
         f"Platforms to lower for, of {', '.join(PLATFORMS)} (default: cpu,cuda, or cpu alone if "
-        "lowering for cuda fails).",
+        "lowering for cuda fails). StableHLO only.",
     )
 
 
@@ -216,19 +238,31 @@ def main(argv: Sequence[str]) -> int:
 def _run() -> int:
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required")
+    if FLAGS.format not in FORMATS:
+        raise errors.UsageError(
+            f"--format: unknown {FLAGS.format!r}; accepted: {', '.join(FORMATS)}"
+        )
     unknown = sorted(set(FLAGS.platforms or ()) - set(PLATFORMS))
     if unknown:
         raise errors.UsageError(f"--platforms: unknown {unknown}; accepted: {', '.join(PLATFORMS)}")
-    if importlib.util.find_spec("flatbuffers") is None:
+    if FLAGS.format == "onnx" and FLAGS.platforms:
         raise errors.UsageError(
-            "writing a jax.export file needs the flatbuffers package: "
+            "--platforms is for --format=stablehlo; an ONNX file runs on whatever device its "
+            "runtime is given"
+        )
+    package = {"stablehlo": "flatbuffers", "onnx": "onnx"}[FLAGS.format]
+    if importlib.util.find_spec(package) is None:
+        raise errors.UsageError(
+            f"writing a --format={FLAGS.format} file needs the {package} package: "
             "pip install -r requirements-export.txt"
         )
-    output = FLAGS.output or os.path.join(FLAGS.workdir, "export", "alexnet.jax_exported")
+    output = FLAGS.output or os.path.join(FLAGS.workdir, "export", FORMATS[FLAGS.format])
     tuning.configure_process()  # Before JAX starts its backends.
     trained = inference.load_trained(
         FLAGS.workdir, config=FLAGS.config, data_dir=FLAGS.data_dir, step=FLAGS.step
     )
+    if FLAGS.format == "onnx":
+        return _write_onnx(trained, output)
     try:
         exported = export_with_fallback(trained, FLAGS.platforms)
         save(trained, exported, output)
@@ -239,6 +273,27 @@ def _run() -> int:
         trained.step,
         FLAGS.workdir,
         ", ".join(exported.platforms),
+        output,
+        os.path.getsize(output) / 1e6,
+        metadata_path(output),
+    )
+    return cli.EXIT_OK
+
+
+def _write_onnx(trained: inference.TrainedModel, output: str) -> int:
+    from alexnet_jax import export_onnx  # onnx is an optional dependency.
+
+    onnx_model = export_onnx.build(trained)
+    try:
+        write_atomically(output, onnx_model.SerializeToString())
+        save_description(export_onnx.describe(trained, onnx_model), output)
+    except OSError as e:
+        raise errors.UsageError(str(e)) from None
+    logging.info(
+        "Exported step %d of %s as ONNX (opset %d) to %s (%.1f MB) and %s",
+        trained.step,
+        FLAGS.workdir,
+        export_onnx.OPSET,
         output,
         os.path.getsize(output) / 1e6,
         metadata_path(output),

@@ -88,3 +88,11 @@ def test_a_workdir_without_checkpoints_exits_3_with_one_message(tmp_path):
     assert run.stderr.startswith(f"error: No checkpoint in {tmp_path}")
     assert "Traceback" not in run.stderr
     assert not os.path.exists(tmp_path / "f")
+
+
+def test_an_unknown_format_exits_2_naming_the_accepted_ones(tmp_path):
+    run = _run_export(f"--workdir={tmp_path}", "--format=tflite")
+    assert run.returncode == 2, run.stderr[-3000:]  # cli.EXIT_USAGE
+    assert run.stderr == "error: --format: unknown 'tflite'; accepted: stablehlo, onnx\n"
+    run = _run_export(f"--workdir={tmp_path}", "--format=onnx", "--platforms=cuda")
+    assert run.returncode == 2 and run.stderr.startswith("error: --platforms is for --format=")
