@@ -539,6 +539,11 @@ def with_options(kernels: model.Kernels, options: KernelOptions) -> model.Kernel
 KERNEL_OPTIONS_BY_BACKEND: Mapping[str, KernelOptions] = {"gpu": KernelOptions()}
 
 
+def backend_options(backend: str | None = None) -> KernelOptions:
+    """The kernel options ``backend`` (default: JAX's default backend) runs with."""
+    return KERNEL_OPTIONS_BY_BACKEND.get(backend or jax.default_backend(), KernelOptions())
+
+
 # conv1-pool5 on chunks of this many examples per data shard when model.conv_chunk_size
 # is auto (-1) on CPU.
 CPU_CONV_CHUNK_SIZE = 8
@@ -590,7 +595,7 @@ def kernels(
         raise SettingError(f"kernels = {choice!r}; accepted: one of {KERNEL_CHOICES}")
     backend = backend or jax.default_backend()
     if options is None:
-        options = KERNEL_OPTIONS_BY_BACKEND.get(backend, KernelOptions())
+        options = backend_options(backend)
     if choice == "auto":
         choice = KERNELS_BY_BACKEND.get(backend, "plain")
     if choice == "cpu":
