@@ -614,6 +614,7 @@ def _time_batch(
             line += (f", step {1e3 * batch_size / images_per_s:.0f} ms "
                      f"(best {batch_size / min(times['jax']):.1f} images/s)")  # fmt: skip
         else:
+            row[f"{prefix}net"], row[f"{prefix}device"] = info[name]["net"], info[name]["device"]
             line += f" ({torch_reference.describe(info[name])})"
         if name == "torch_compile":
             line += "; compile = its first step (dynamo + inductor)"
