@@ -24,9 +24,10 @@ by each of ``--batch_sizes``. In one process it prints:
     requirements-bench.txt``), has no device on JAX's chip, or inductor fails;
   * memory: peak resident memory (``ru_maxrss``) and, on a GPU, device memory
     for both frameworks (JAX's ``peak_bytes_in_use``, torch's
-    ``max_memory_allocated``). Both JAX figures are per process, so
-    ``--framework=jax`` (or ``torch``, ``torch_compile``) times one framework
-    alone and its peaks are that framework's;
+    ``max_memory_allocated``, counted from each batch's build). The resident
+    and JAX's device peaks are per process, so ``--framework=jax`` (or
+    ``torch``, ``torch_compile``) times one framework alone and its peaks
+    are that framework's;
   * eval throughput (centre crop, 10 crops) and a per-layer table (JAX only).
 
 ``--kernels`` and ``--kernel_options`` (``tuning.KernelOptions``) pick how
