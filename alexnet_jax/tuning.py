@@ -11,6 +11,12 @@ the *same values*, and picks them per backend:
   the plain forms, until a measurement there says otherwise (run
   ``python -m alexnet_jax.benchmarks.train_step --kernels=cpu`` against
   ``--kernels=plain`` on the accelerator and change ``KERNELS_BY_BACKEND``).
+* ``KernelOptions``: further forms of single operations for accelerators
+  (LRN in the compute dtype, max-pool as strided slices, the towers as one
+  grouped convolution, conv1's RGB padded to 4 or 8 channels), applied on
+  top of the schedule; ``KERNEL_OPTIONS_BY_BACKEND`` picks them per backend
+  and today picks none anywhere (``benchmarks/kernel_choices.py`` measures
+  them on a GPU; see docs/gpu-train-step.md).
 * ``configure_process()``: the process-level settings, made once before JAX
   starts its backends: which library runs XLA:CPU's convolutions (through
   ``XLA_FLAGS``, so every jit in the process compiles the same way) and which
@@ -30,6 +36,7 @@ import functools
 import importlib.metadata
 import os
 from collections.abc import Callable, Mapping, MutableMapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -187,11 +194,16 @@ def _lrn_fused_backward(params, x, g):
     The exact gradient of ``x * s`` with s = d ** -beta, as two fused
     elementwise passes instead of autodiff's windowed reductions.
     """
+    return (_lrn_gradient(params, x, g),)
+
+
+def _lrn_gradient(params, x, g) -> jax.Array:
+    """``_lrn_fused_backward``'s formula on arrays of one dtype."""
     radius, _, alpha, beta = params
     scale, denominator = _lrn_scale(x, *params)
     g_scaled = g * scale
     spread = model.channel_window_sum(g_scaled * x / denominator, radius)
-    return (g_scaled - (2 * alpha * beta) * x * spread,)
+    return g_scaled - (2 * alpha * beta) * x * spread
 
 
 _lrn_fused.defvjp(_lrn_fused_forward, _lrn_fused_backward)
@@ -340,6 +352,201 @@ class InChunks:
         return x.reshape(batch, -1)
 
 
+# --- Accelerator options: more schedules of the same values, chosen per backend ---
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _lrn_low_precision(x: jax.Array, params: tuple[int, float, float, float]) -> jax.Array:
+    wide = x.astype(jnp.float32)
+    return (wide * _lrn_scale(wide, *params)[0]).astype(x.dtype)
+
+
+def _lrn_low_precision_forward(x, params):
+    # The residual is x in its own dtype: a bfloat16 step stores half the bytes of the
+    # float32 forms, and the backward pass recomputes the scale from it.
+    return _lrn_low_precision(x, params), x
+
+
+def _lrn_low_precision_backward(params, x, g):
+    wide = _lrn_gradient(params, x.astype(jnp.float32), g.astype(jnp.float32))
+    return (wide.astype(x.dtype),)
+
+
+_lrn_low_precision.defvjp(_lrn_low_precision_forward, _lrn_low_precision_backward)
+
+
+def lrn_in_compute_dtype(
+    x: jax.Array,
+    *,
+    depth_radius: int = model.LRN_DEPTH_RADIUS,
+    bias: float = model.LRN_BIAS,
+    alpha: float = model.LRN_ALPHA,
+    beta: float = model.LRN_BETA,
+) -> jax.Array:
+    """``model.local_response_norm`` reading, storing and returning ``x``'s dtype.
+
+    Squares, window sums and the scale are float32 inside one elementwise
+    pass (so XLA can fuse it with the ReLU before and the pool after), and
+    only the result is rounded, as the plain form rounds it. The gradient is
+    ``lrn_fused_gradient``'s formula, also float32 inside; the pass keeps
+    nothing but ``x`` for it. With float32 compute it is that schedule.
+    """
+    return _lrn_low_precision(x, (depth_radius, bias, alpha, beta))
+
+
+def _conv_grouped(
+    x: jax.Array, kernel: jax.Array, *, stride: int, padding: int, groups: int
+) -> jax.Array:
+    return jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        window_strides=(stride, stride),
+        padding=((padding, padding),) * 2,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=groups,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupedConv:
+    """``model.convolve_towers`` as one convolution for all towers.
+
+    Tower-own inputs (conv2, conv4, conv5) become one grouped convolution
+    (``feature_group_count`` = towers) on the towers' maps side by side in
+    the channel axis; shared inputs (conv1, conv3) one convolution with the
+    towers' kernels side by side. Output channel t * F + f is tower t's f-th.
+    """
+
+    def __call__(
+        self, x: jax.Array, kernel_T: jax.Array, bias_T: jax.Array, *, stride: int,
+        padding: int, shared_input: bool,
+    ) -> jax.Array:  # fmt: skip
+        towers, features = kernel_T.shape[0], kernel_T.shape[-1]
+        side_by_side = jnp.moveaxis(kernel_T, 0, -2).reshape(*kernel_T.shape[1:-1], -1)
+        if shared_input:
+            inputs, groups = x, 1
+        else:  # T x B x H x W x C -> B x H x W x (T*C), tower 0's channels first.
+            inputs = jnp.moveaxis(x, 0, -2).reshape(*x.shape[1:-1], towers * x.shape[-1])
+            groups = towers
+        y = _conv_grouped(inputs, side_by_side, stride=stride, padding=padding, groups=groups)
+        return model.split_towers(y + bias_T.reshape(towers * features), towers)
+
+
+@dataclasses.dataclass(frozen=True)
+class PaddedInputChannels:
+    """``convolve`` with each tower's input channels zero-padded to a multiple of ``multiple``.
+
+    The kernels get zero rows for the new channels, so every sum gains only
+    zero products: conv1's 3 RGB channels become 4 or 8, the counts GPU
+    convolution kernels are built for. Inputs already at a multiple pass as they are.
+    """
+
+    multiple: int
+    convolve: Callable[..., jax.Array] = model.convolve_towers
+
+    def __call__(
+        self, x: jax.Array, kernel_T: jax.Array, bias_T: jax.Array, *, stride: int,
+        padding: int, shared_input: bool,
+    ) -> jax.Array:  # fmt: skip
+        extra = -x.shape[-1] % self.multiple
+        if extra:
+            x = jnp.pad(x, ((0, 0),) * (x.ndim - 1) + ((0, extra),))
+            kernel_T = jnp.pad(kernel_T, ((0, 0),) * 3 + ((0, extra), (0, 0)))
+        return self.convolve(
+            x, kernel_T, bias_T, stride=stride, padding=padding, shared_input=shared_input
+        )
+
+
+# Each option's accepted values; the first is "keep what the schedule (--kernels) computes".
+KERNEL_OPTION_VALUES: Mapping[str, tuple] = {
+    "lrn": ("schedule", "compute_dtype"),  # compute_dtype: lrn_in_compute_dtype.
+    "max_pool": ("schedule", "sliced"),  # sliced: max_pool_sliced (the CPU's) anywhere.
+    "tower_convs": ("schedule", "grouped"),  # grouped: GroupedConv.
+    "pad_input_channels": (0, 4, 8),  # > 0: PaddedInputChannels(multiple=N).
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelOptions:
+    """Choices on top of a backend's schedule; the defaults change nothing.
+
+    Each replaces one operation's form with another of the same values
+    (tests hold each equal to the plain form). They exist for accelerators,
+    where each is kept only once measured faster there
+    (``KERNEL_OPTIONS_BY_BACKEND``; ``alexnet_jax/benchmarks/kernel_choices.py``
+    times them against each other).
+    """
+
+    lrn: str = "schedule"
+    max_pool: str = "schedule"
+    tower_convs: str = "schedule"
+    pad_input_channels: int = 0
+
+    def __post_init__(self):
+        for name, accepted in KERNEL_OPTION_VALUES.items():
+            if getattr(self, name) not in accepted:
+                raise SettingError(
+                    f"kernel option {name}={getattr(self, name)!r}; accepted: one of {accepted}"
+                )
+
+    def describe(self) -> str:
+        """``parse_kernel_options``'s text for these options ("" when all are defaults)."""
+        default = KernelOptions()
+        return ",".join(
+            f"{f.name}={getattr(self, f.name)}"
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != getattr(default, f.name)
+        )
+
+
+def parse_kernel_options(text: str) -> KernelOptions:
+    """``"lrn=compute_dtype,tower_convs=grouped,pad_input_channels=8"`` -> KernelOptions.
+
+    "" gives the defaults; unnamed fields keep theirs. Raises SettingError
+    naming the option and its accepted values.
+    """
+    fields: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or name not in KERNEL_OPTION_VALUES:
+            raise SettingError(
+                f"kernel option {item!r}; accepted: NAME=VALUE with NAME one of "
+                f"{tuple(KERNEL_OPTION_VALUES)}, e.g. lrn=compute_dtype,pad_input_channels=8"
+            )
+        numeric = isinstance(KERNEL_OPTION_VALUES[name][0], int)
+        fields[name] = int(value) if numeric and value.lstrip("-").isdigit() else value
+    return KernelOptions(**fields)
+
+
+def with_options(kernels: model.Kernels, options: KernelOptions) -> model.Kernels:
+    """``kernels`` with ``options`` applied (the same object when they change nothing)."""
+    changes: dict[str, Any] = {}
+    if options.lrn == "compute_dtype":
+        changes["lrn"] = lrn_in_compute_dtype
+    if options.max_pool == "sliced":
+        changes["max_pool"] = max_pool_sliced
+    convolve = kernels.convolve_towers
+    if options.tower_convs == "grouped":
+        convolve = GroupedConv()
+    if options.pad_input_channels:
+        convolve = PaddedInputChannels(options.pad_input_channels, convolve)
+    if convolve != kernels.convolve_towers:
+        changes["convolve_towers"] = convolve
+    return dataclasses.replace(kernels, **changes) if changes else kernels
+
+
+# The options each backend runs with; a backend not listed runs KernelOptions() (no change).
+# GPU: every option is unmeasured on a GPU yet, so today's forms; the GPU script
+# (alexnet_jax/benchmarks/gpu_train_step.sh, docs/gpu-train-step.md) times each one and an
+# option measured faster goes here.
+KERNEL_OPTIONS_BY_BACKEND: Mapping[str, KernelOptions] = {"gpu": KernelOptions()}
+
+
+def backend_options(backend: str | None = None) -> KernelOptions:
+    """The kernel options ``backend`` (default: JAX's default backend) runs with."""
+    return KERNEL_OPTIONS_BY_BACKEND.get(backend or jax.default_backend(), KernelOptions())
+
+
 # conv1-pool5 on chunks of this many examples per data shard when model.conv_chunk_size
 # is auto (-1) on CPU.
 CPU_CONV_CHUNK_SIZE = 8
@@ -374,23 +581,30 @@ KERNELS_BY_BACKEND = {"cpu": "cpu"}  # Backends not listed run the plain forms.
 
 
 def kernels(
-    backend: str | None = None, *, conv_chunk_size: int = -1, choice: str = "auto"
+    backend: str | None = None,
+    *,
+    conv_chunk_size: int = -1,
+    choice: str = "auto",
+    options: KernelOptions | None = None,
 ) -> model.Kernels:
     """The kernels for ``backend`` (default: JAX's default backend).
 
     ``conv_chunk_size`` is ``config.model.conv_chunk_size`` (-1: the backend's
     choice, 8 on CPU and whole batches elsewhere). ``choice`` forces "plain"
     or "cpu" schedules (benchmarks that measure one against the other).
+    ``options`` replaces the backend's ``KERNEL_OPTIONS_BY_BACKEND`` entry.
     """
     if choice not in KERNEL_CHOICES:
         raise SettingError(f"kernels = {choice!r}; accepted: one of {KERNEL_CHOICES}")
     backend = backend or jax.default_backend()
+    if options is None:
+        options = backend_options(backend)
     if choice == "auto":
         choice = KERNELS_BY_BACKEND.get(backend, "plain")
     if choice == "cpu":
         chunk = CPU_CONV_CHUNK_SIZE if conv_chunk_size == -1 else conv_chunk_size
-        return cpu_kernels(cpu_conv_library(), chunk)
-    return plain_kernels(max(conv_chunk_size, 0))
+        return with_options(cpu_kernels(cpu_conv_library(), chunk), options)
+    return with_options(plain_kernels(max(conv_chunk_size, 0)), options)
 
 
 def finish_augmentation_on_device(setting: str, backend: str | None = None) -> bool:

@@ -35,7 +35,7 @@ def test_benchmark_prints_its_fields(capsys):
     for pattern in (
         r"host CPU: .*; avx512f (yes|no), avx512_bf16 (yes|no), amx_tile (yes|no), amx_bf16",
         rf"host allocator: \w+; CPU convolutions: {tuning.cpu_conv_library()}; kernels: "
-        r"lrn='lrn_fused_gradient', .*conv_layers=InChunks\(size=8\)",
+        r"lrn='lrn_fused_gradient', .*conv_layers=InChunks\(size=8\); kernel options: none",
         r"network: width 0.0625, 10 classes, LRN True, 227,314 parameters, compute float32",
         rf"matmul peak: {NUMBER} GFLOP/s \(float32 128x128",
         rf"peak for fractions: {NUMBER} TFLOP/s \(measured float32 matmul\)",
@@ -73,7 +73,7 @@ def test_benchmark_prints_the_eval_rates_and_the_per_layer_table(capsys):
     assert all(fwd > 0 and both > 0 for _, _, fwd, both in out["layers"])
 
 
-def test_bfloat16_compute_runs_both_frameworks(capsys):
+def test_bfloat16_compute_runs_both_frameworks_with_kernel_options(capsys):
     pytest.importorskip("torch")
     out = train_step.run(
         tiny_config(compute_dtype="bfloat16"),
@@ -83,10 +83,22 @@ def test_bfloat16_compute_runs_both_frameworks(capsys):
         skip_layers=True,
         skip_eval=True,
         matmul_size=128,
+        kernel_options="lrn=compute_dtype,pad_input_channels=4",
     )
     text = capsys.readouterr().out
     assert "compute bfloat16" in text and "(bfloat16 128x128 under XLA" in text
-    assert re.search(rf"\[torch\] batch 2: {NUMBER} images/s", text), text
+    assert re.search(
+        r"kernels: lrn='lrn_in_compute_dtype', .*PaddedInputChannels\(multiple=4, "
+        r"convolve=SideBySideConv\(.*kernel options: lrn=compute_dtype,pad_input_channels=4",
+        text,
+    ), text
+    assert out["kernel_options"] == "lrn=compute_dtype,pad_input_channels=4"
+    # On the CPU, torch runs there too, as before: NCHW under CPU autocast.
+    assert re.search(
+        rf"\[torch\] batch 2: {NUMBER} images/s, .*\(\d+ threads, bfloat16 autocast, "
+        r"[0-9,]+ parameters, built from model.VARIANTS\['paper'\]\)",
+        text,
+    ), text
     assert re.search(rf"ratio jax/torch at batch 2: {NUMBER}x", text), text
     assert out["batches"][2]["torch_images_per_s"] > 0
 
@@ -151,8 +163,3 @@ def test_command_takes_a_config_and_overrides(tmp_path):
     )
     assert removed.returncode != 0 and "width" in removed.stderr
 
-
-def test_torch_reference_is_the_same_network():
-    pytest.importorskip("torch")
-    net = train_step.torch_alexnet(num_classes=1000, width=1.0, use_lrn=True)
-    assert sum(p.numel() for p in net.parameters()) == 60_965_224

@@ -8,6 +8,11 @@ selects and routes values: exact. Side-by-side and chunked convolutions sum the
 same products, possibly in another order: the error of an f32 sum of N terms
 is bounded by ~N eps times the sum of magnitudes, so 1e-5 of the output scale
 holds for the few hundred terms per output here on any CPU.
+
+The accelerator options (``tuning.KernelOptions``) are held to the same
+bounds; their own tests derive theirs per element (convolutions: the sum of
+the products' magnitudes times the number of terms) or from bfloat16's
+rounding (LRN in the compute dtype: one bfloat16 ulp).
 """
 
 import functools
@@ -25,6 +30,10 @@ from alexnet_jax.model import AlexNet
 from tests.conftest import ROOT
 
 F32_EPS = float(np.finfo(np.float32).eps)
+BF16_ULP = 2.0**-7  # A bfloat16 ulp relative to the value it rounds (8 significant bits).
+EVERY_OPTION = tuning.KernelOptions(
+    lrn="compute_dtype", max_pool="sliced", tower_convs="grouped", pad_input_channels=8
+)
 
 
 def _relu_maps(shape, seed, scale=40.0):
@@ -118,8 +127,12 @@ def plain_network_reference():
         tuning.cpu_kernels("eigen", conv_chunk_size=1),
         tuning.cpu_kernels("ynnpack", conv_chunk_size=0),
         tuning.plain_kernels(conv_chunk_size=2),
+        tuning.kernels("gpu", options=EVERY_OPTION),
     ],
-    ids=["cpu_eigen_chunks_of_one", "cpu_ynnpack_whole_batch", "plain_chunks_of_two"],
+    ids=[
+        "cpu_eigen_chunks_of_one", "cpu_ynnpack_whole_batch", "plain_chunks_of_two",
+        "gpu_every_option",
+    ],  # fmt: skip
 )
 def test_every_schedule_gives_the_plain_networks_logits_and_gradients(
     kernels, plain_network_reference
@@ -137,10 +150,18 @@ def test_every_schedule_gives_the_plain_networks_logits_and_gradients(
         np.testing.assert_allclose(g_t, g_p, atol=1e-4 * scale, err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize("variant", ["torchvision", "bvlc_alexnet"])
-def test_the_cpu_schedules_give_each_variants_plain_logits_and_gradients(variant):
+@pytest.mark.parametrize(
+    "variant, options",
+    [
+        ("torchvision", tuning.KernelOptions()),
+        ("bvlc_alexnet", tuning.KernelOptions()),
+        ("caffenet", EVERY_OPTION),  # LRN across both towers, after the pool.
+    ],
+)
+def test_the_cpu_schedules_give_each_variants_plain_logits_and_gradients(variant, options):
     plain = AlexNet(num_classes=10, width=1 / 16, init_scheme="he", variant=variant)
-    tuned = plain.clone(kernels=tuning.cpu_kernels("eigen", conv_chunk_size=1))
+    cpu = tuning.cpu_kernels("eigen", conv_chunk_size=1)
+    tuned = plain.clone(kernels=tuning.with_options(cpu, options))
     # Small crops keep it quick; torchvision's 2x2 pool5 is averaged up to 6x6.
     images = 60 * jax.random.normal(jax.random.PRNGKey(1), (2, 100, 100, 3))
 
@@ -244,3 +265,117 @@ def test_every_jit_in_a_process_compiles_convs_with_the_chosen_library(library):
 )
 def test_host_allocator_is_mimalloc_where_the_process_computes_on_the_cpu(env, expected):
     assert tuning.host_allocator(env) == expected
+
+
+# --- Accelerator options (tuning.KernelOptions): each equals the plain form on the CPU ---
+
+
+@pytest.mark.parametrize("convention", model.LRN_CONVENTIONS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_lrn_in_compute_dtype_equals_the_plain_lrn(dtype, convention):
+    """Both compute in float32 and round once to the input's dtype.
+
+    float32: the CPU schedule's formula, so its tolerances (module docstring).
+    bfloat16: the float32 values differ by those few ulp, and rounding them can
+    land on neighbouring bfloat16 values: at most one bfloat16 ulp apart
+    (rtol 2^-7), on top of the float32 gradient's 2e-5 of its scale.
+    """
+    shape = (2, 2, 9, 9, 16)
+    x = _relu_maps(shape, 3, scale=40.0 if convention == "paper" else 100.0).astype(dtype)
+    g = jnp.asarray(np.random.default_rng(4).normal(size=shape), dtype)
+    constants = model.lrn_constants(convention)
+    y_ref, vjp_ref = jax.vjp(functools.partial(model.local_response_norm, **constants), x)
+    y, vjp = jax.vjp(functools.partial(tuning.lrn_in_compute_dtype, **constants), x)
+    assert y.dtype == y_ref.dtype == x.dtype
+    grad, grad_ref = vjp(g)[0], vjp_ref(g)[0]
+    assert grad.dtype == x.dtype
+    rtol = 16 * F32_EPS if dtype == "float32" else BF16_ULP
+    y, y_ref = np.asarray(y, np.float32), np.asarray(y_ref, np.float32)
+    np.testing.assert_allclose(y, y_ref, rtol=rtol, atol=16 * F32_EPS)
+    grad, grad_ref = np.asarray(grad, np.float32), np.asarray(grad_ref, np.float32)
+    scale = float(np.abs(grad_ref).max())
+    np.testing.assert_allclose(
+        grad, grad_ref, rtol=2e-5 if dtype == "float32" else BF16_ULP, atol=2e-5 * scale
+    )
+    if dtype == "bfloat16":  # Nearly all values round to the same bfloat16.
+        assert np.mean(y == y_ref) > 0.99 and np.mean(grad == grad_ref) > 0.95
+
+
+def _conv_case(shared_input: bool, in_channels: int, seed: int):
+    rng = np.random.default_rng(seed)
+    x_shape = (3, 13, 13, in_channels) if shared_input else (2, 3, 13, 13, in_channels)
+    x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(2, 3, 3, in_channels, 5)), jnp.float32)
+    bias = jnp.asarray(rng.normal(size=(2, 5)), jnp.float32)
+    return x, kernel, bias
+
+
+def _assert_same_sums(convolve, x, kernel, bias, *, stride, padding, shared_input):
+    """``convolve`` gives ``model.convolve_towers``' values and gradients.
+
+    Both sum the same products in some order. An f32 sum of N terms is off by
+    at most ~N eps times the sum of their magnitudes, which is the plain
+    convolution applied to |x|, |kernel|, |bias| (forward) and its VJP at |g|
+    (gradients): two such errors apart, plus the bias add's rounding.
+    """
+    kw = dict(stride=stride, padding=padding, shared_input=shared_input)
+    plain = functools.partial(model.convolve_towers, **kw)
+    tuned = functools.partial(convolve, **kw)
+    y_ref, vjp_ref = jax.vjp(plain, x, kernel, bias)
+    y, vjp = jax.vjp(tuned, x, kernel, bias)
+    g = jnp.asarray(np.random.default_rng(9).normal(size=y_ref.shape), jnp.float32)
+    magnitudes, vjp_magnitudes = jax.vjp(plain, jnp.abs(x), jnp.abs(kernel), jnp.abs(bias))
+    terms = max(int(np.prod(kernel.shape[1:4])), int(np.prod(y_ref.shape[1:-1])), 5) + 2
+    assert y.shape == y_ref.shape
+    np.testing.assert_array_less(np.abs(y - y_ref), 2 * terms * F32_EPS * magnitudes + 1e-30)
+    for got, ref, bound in zip(vjp(g), vjp_ref(g), vjp_magnitudes(jnp.abs(g)), strict=True):
+        assert got.shape == ref.shape
+        np.testing.assert_array_less(np.abs(got - ref), 2 * terms * F32_EPS * bound + 1e-30)
+
+
+@pytest.mark.parametrize("shared_input", [True, False])
+def test_grouped_conv_equals_one_conv_per_tower(shared_input):
+    x, kernel, bias = _conv_case(shared_input, 6, 2)
+    _assert_same_sums(
+        tuning.GroupedConv(), x, kernel, bias, stride=2, padding=1, shared_input=shared_input
+    )
+
+
+@pytest.mark.parametrize("multiple", [4, 8])
+@pytest.mark.parametrize(
+    "inner", [model.convolve_towers, tuning.GroupedConv()], ids=["per_tower", "grouped"]
+)
+@pytest.mark.parametrize("shared_input", [True, False])
+def test_padded_input_channels_equal_the_unpadded_convolution(shared_input, inner, multiple):
+    x, kernel, bias = _conv_case(shared_input, 3, 5)  # conv1's 3 input channels.
+    padded = tuning.PaddedInputChannels(multiple, inner)
+    _assert_same_sums(padded, x, kernel, bias, stride=4, padding=2, shared_input=shared_input)
+    # The padded kernel rows are zeros, so the gradient keeps the kernel's own shape.
+    kw = dict(stride=4, padding=2, shared_input=shared_input)
+    grad = jax.grad(lambda k: padded(x, k, bias, **kw).sum())(kernel)
+    assert grad.shape == kernel.shape
+
+
+def test_kernel_options_parse_describe_and_change_nothing_by_default():
+    parse = tuning.parse_kernel_options
+    assert parse("") == tuning.KernelOptions()
+    assert parse(EVERY_OPTION.describe()) == EVERY_OPTION
+    assert parse(" tower_convs=grouped , pad_input_channels=4") == tuning.KernelOptions(
+        tower_convs="grouped", pad_input_channels=4
+    )
+    with pytest.raises(tuning.SettingError, match=r"pad_input_channels=3.*\(0, 4, 8\)"):
+        parse("pad_input_channels=3")
+    with pytest.raises(tuning.SettingError, match=r"'fast'.*NAME=VALUE"):
+        parse("fast")
+    with pytest.raises(tuning.SettingError, match=r"lrn='bf16'.*compute_dtype"):
+        parse("lrn=bf16")
+    # The defaults leave every schedule as it is (the same object).
+    for schedule in (tuning.cpu_kernels("eigen", 8), tuning.plain_kernels(0)):
+        assert tuning.with_options(schedule, tuning.KernelOptions()) is schedule
+    # Unmeasured on a GPU: the GPU keeps the plain forms until a measurement flips them.
+    assert tuning.KERNEL_OPTIONS_BY_BACKEND["gpu"] == tuning.KernelOptions()
+    assert tuning.kernels("gpu") == model.Kernels()
+    tuned = tuning.kernels("gpu", options=EVERY_OPTION)
+    assert tuned.lrn is tuning.lrn_in_compute_dtype and tuned.max_pool is tuning.max_pool_sliced
+    assert tuned.convolve_towers == tuning.PaddedInputChannels(8, tuning.GroupedConv())
+    assert tuning.kernels("cpu", options=EVERY_OPTION).conv_layers == tuning.InChunks(8)

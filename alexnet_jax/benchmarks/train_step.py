@@ -16,17 +16,30 @@ by each of ``--batch_sizes``. In one process it prints:
     mesh, ``inference.build_model``, ``optim.make_optimizer``, state donated)
     with compile time, images/s, GFLOP/s, fraction of the peak, and device
     memory where the backend reports it;
-  * the same network in PyTorch, eager and under ``torch.compile`` (inductor),
-    in alternating turns with the JAX step, and the ratios; bfloat16 compute
-    runs PyTorch under CPU autocast. Skipped with the reason when torch is not
-    installed (``pip install -r requirements-bench.txt``) or inductor fails;
-  * peak resident memory: ``ru_maxrss`` is per process, so ``--framework=jax``
-    (or ``torch``, ``torch_compile``) times one framework alone and its peak is
-    that framework's;
+  * the same network in PyTorch (``torch_reference.py``), eager and under
+    ``torch.compile`` (inductor), on JAX's chip: the CPU when JAX computes
+    there, CUDA (channels_last, bfloat16 autocast or TF32) when JAX runs on a
+    GPU; in alternating turns with the JAX step, and the ratios. Skipped with
+    the reason when torch is not installed (``pip install -r
+    requirements-bench.txt``), has no device on JAX's chip, or inductor fails;
+  * memory: peak resident memory (``ru_maxrss``) and, on a GPU, device memory
+    for both frameworks (JAX's ``peak_bytes_in_use``, torch's
+    ``max_memory_allocated``, counted from each batch's build). The resident
+    and JAX's device peaks are per process, so ``--framework=jax`` (or
+    ``torch``, ``torch_compile``) times one framework alone and its peaks
+    are that framework's;
   * eval throughput (centre crop, 10 crops) and a per-layer table (JAX only).
 
+``--kernels`` and ``--kernel_options`` (``tuning.KernelOptions``) pick how
+the JAX model computes; ``kernel_choices.py`` times several in one process.
+
 The machine may be shared: each number is the median of ``--steps`` timed
-calls, and A/B comparisons belong in one run.
+calls, and A/B comparisons belong in one run. On a CPU the frameworks take
+turns in one process, which puts them under the same load. On a GPU they can
+too, but ``gpu_train_step.sh`` runs one framework per process: the device is
+not shared, so turns cancel no drift, while device peaks are only a
+framework's own in a process of its own (JAX's cannot be reset) and JAX
+reserves most of the device's memory at start.
 """
 
 from __future__ import annotations
@@ -50,6 +63,7 @@ from ml_collections import config_flags
 
 import configs
 from alexnet_jax import allocator, cli, config_lib, inference, tuning
+from alexnet_jax.benchmarks import torch_reference
 from alexnet_jax.flops import CHIP_PEAK_TFLOPS, chip_peak_tflops, forward_flops_per_image
 
 IMAGE_SIZE = 224
@@ -59,9 +73,6 @@ FRAMEWORKS = ("jax", "torch", "torch_compile")
 # step-based schedules build (their values do not change what a step costs).
 NOMINAL_STEPS_PER_EPOCH = 1000
 NOMINAL_TOTAL_STEPS = 100_000
-# The PyTorch reference's SGD: the paper's values. What a step costs does not depend on them,
-# so the optimizer fields of the config are read only by the JAX step (optim.make_optimizer).
-TORCH_SGD = {"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4}
 # CPU flags (/proc/cpuinfo) that say how fast bfloat16 can be on this host.
 CPU_BF16_FLAGS = ("avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
 
@@ -146,11 +157,20 @@ def with_batch_size(
     return copy
 
 
-def build_model(config: ml_collections.ConfigDict, kernels: str = "auto", mesh: Any = None):
-    """``inference.build_model(config, mesh)`` with the ``kernels`` choice (``tuning.kernels``)."""
-    return inference.build_model(config, mesh).clone(
-        kernels=tuning.kernels(conv_chunk_size=config.model.conv_chunk_size, choice=kernels)
+def build_model(
+    config: ml_collections.ConfigDict,
+    kernels: str = "auto",
+    mesh: Any = None,
+    options: tuning.KernelOptions | None = None,
+):
+    """``inference.build_model(config, mesh)`` with the ``kernels`` choice and kernel ``options``.
+
+    ``tuning.kernels``' arguments: None ``options`` are the backend's own.
+    """
+    chosen = tuning.kernels(
+        conv_chunk_size=config.model.conv_chunk_size, choice=kernels, options=options
     )
+    return inference.build_model(config, mesh).clone(kernels=chosen)
 
 
 def random_batch(
@@ -193,7 +213,11 @@ class JaxStep:
         jax.block_until_ready(self.dispatch(self.batch))
 
 
-def jax_train_step(config: ml_collections.ConfigDict, kernels: str = "auto") -> JaxStep:
+def jax_train_step(
+    config: ml_collections.ConfigDict,
+    kernels: str = "auto",
+    options: tuning.KernelOptions | None = None,
+) -> JaxStep:
     """The project's train step for ``config``, set up as ``train.train_and_evaluate`` does.
 
     The mesh from ``config.mesh_shape``, the model from ``inference.build_model``,
@@ -205,7 +229,7 @@ def jax_train_step(config: ml_collections.ConfigDict, kernels: str = "auto") -> 
     from alexnet_jax import optim, sharding, train
 
     mesh = sharding.make_mesh(config.mesh_shape)
-    model = build_model(config, kernels, mesh)
+    model = build_model(config, kernels, mesh, options)
     optimizer = optim.make_optimizer(config.optim)
     learning_rate_fn = optim.learning_rate_schedule(
         config.optim,
@@ -286,7 +310,9 @@ def _xla_flops(compiled) -> float:
     return float((analysis or {}).get("flops", 0.0))
 
 
-def time_eval(config, batch_size: int, steps: int, kernels: str = "auto") -> dict[str, float]:
+def time_eval(
+    config, batch_size: int, steps: int, kernels: str = "auto", options=None
+) -> dict[str, float]:
     """Images/s of the eval forward: centre crop, and 10 crops with softmax averaging."""
     import jax
     import jax.numpy as jnp
@@ -294,7 +320,7 @@ def time_eval(config, batch_size: int, steps: int, kernels: str = "auto") -> dic
 
     from alexnet_jax.data import augment
 
-    model = build_model(config, kernels)
+    model = build_model(config, kernels, options=options)
     jit = jax.jit
     params = jax.jit(
         lambda: model.init(
@@ -335,7 +361,7 @@ def time_eval(config, batch_size: int, steps: int, kernels: str = "auto") -> dic
 
 
 def layer_table(
-    config, batch_size: int, steps: int, kernels: str = "auto"
+    config, batch_size: int, steps: int, kernels: str = "auto", options=None
 ) -> list[tuple[str, str, float, float]]:
     """(layer, output shape, forward ms, forward+backward ms) of each layer of the net.
 
@@ -347,7 +373,7 @@ def layer_table(
     import jax
     import jax.numpy as jnp
 
-    model = build_model(config, kernels)
+    model = build_model(config, kernels, options=options)
     jit = jax.jit
     images = jnp.asarray(random_batch(batch_size, 2)["images"])
     variables = jax.jit(lambda x: model.init(jax.random.PRNGKey(0), x, train=False))(images[:1])
@@ -422,113 +448,6 @@ def layer_table(
     return rows
 
 
-def torch_alexnet(num_classes: int, width: float, use_lrn: bool):
-    """The same two-tower network in PyTorch: towers as groups=2, LRN per tower.
-
-    ``nn.LocalResponseNorm`` divides alpha by the window size, so the paper's
-    alpha=1e-4 is passed as 5e-4. LRN runs on each tower's channels separately,
-    as in the paper (and the JAX model).
-    """
-    import torch
-    from torch import nn
-
-    from alexnet_jax import model as model_lib
-
-    c = functools.partial(model_lib.scaled, width=width)
-    size = 2 * model_lib.LRN_DEPTH_RADIUS + 1
-
-    class TowerLRN(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lrn = nn.LocalResponseNorm(
-                size,
-                alpha=model_lib.LRN_ALPHA * size,
-                beta=model_lib.LRN_BETA,
-                k=model_lib.LRN_BIAS,
-            )
-
-        def forward(self, x):
-            return torch.cat([self.lrn(t) for t in x.chunk(2, dim=1)], dim=1)
-
-    norm = TowerLRN if use_lrn else nn.Identity
-    return nn.Sequential(
-        nn.Conv2d(3, 2 * c(48), 11, stride=4, padding=2), nn.ReLU(), norm(),
-        nn.MaxPool2d(3, 2),
-        nn.Conv2d(2 * c(48), 2 * c(128), 5, padding=2, groups=2), nn.ReLU(), norm(),
-        nn.MaxPool2d(3, 2),
-        nn.Conv2d(2 * c(128), 2 * c(192), 3, padding=1), nn.ReLU(),
-        nn.Conv2d(2 * c(192), 2 * c(192), 3, padding=1, groups=2), nn.ReLU(),
-        nn.Conv2d(2 * c(192), 2 * c(128), 3, padding=1, groups=2), nn.ReLU(),
-        nn.MaxPool2d(3, 2), nn.Flatten(),
-        nn.Linear(2 * c(128) * 36, 2 * c(2048)), nn.ReLU(), nn.Dropout(0.5),
-        nn.Linear(2 * c(2048), 2 * c(2048)), nn.ReLU(), nn.Dropout(0.5),
-        nn.Linear(2 * c(2048), num_classes),
-    )  # fmt: skip
-
-
-class TorchCompileError(RuntimeError):
-    """torch.compile could not build the step (inductor needs a working C++ compiler on CPU)."""
-
-
-def torch_train_step(
-    config: ml_collections.ConfigDict, *, compiled: bool = False
-) -> tuple[Callable[[], None], dict[str, Any]]:
-    """PyTorch train step of the same network, eager or under ``torch.compile`` (inductor).
-
-    bfloat16 compute (``config.model.compute_dtype``) runs the forward and the
-    loss under CPU autocast, as JAX casts inputs and weights per layer; the
-    parameters and SGD stay float32 in both. Compiled, the first step (which
-    compiles forward and backward) runs here and its time is ``compile_s``.
-    """
-    import torch
-    from torch.nn import functional
-
-    m = config.model
-    net = torch_alexnet(m.num_classes, m.width, m.use_lrn)
-    optimizer = torch.optim.SGD(net.parameters(), **TORCH_SGD)
-    batch = random_batch(config.batch_size, m.num_classes)
-    images = torch.from_numpy(batch["images"]).permute(0, 3, 1, 2).contiguous()
-    labels = torch.from_numpy(batch["labels"]).long()
-    bfloat16 = m.compute_dtype == "bfloat16"
-    net.train()
-    if compiled:
-        torch._dynamo.reset()  # Each batch size compiles afresh, with static shapes.
-    forward = torch.compile(net, dynamic=False) if compiled else net
-
-    def one_step():
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bfloat16):
-            loss = functional.cross_entropy(forward(images), labels)
-        loss.backward()
-        optimizer.step()
-
-    info = {"params": sum(p.numel() for p in net.parameters()), "threads": torch.get_num_threads()}
-    if compiled:
-        start = time.perf_counter()
-        try:
-            one_step()
-        except Exception as e:  # noqa: BLE001 - inductor raises many kinds (compiler, codegen).
-            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise TorchCompileError(
-                f"torch.compile failed: {type(e).__name__}: {first_line}"
-            ) from e
-        info["compile_s"] = time.perf_counter() - start
-    return one_step, info
-
-
-def torch_unavailable(frameworks: Sequence[str], backend: str) -> str | None:
-    """Why the PyTorch steps cannot run here, or None."""
-    if not any(f.startswith("torch") for f in frameworks):
-        return None
-    if backend != "cpu" and "jax" in frameworks:
-        return f"the PyTorch reference runs on the CPU; JAX runs on {backend}"
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        return "torch is not installed (pip install -r requirements-bench.txt)"
-    return None
-
-
 def resolve_peak(
     peak_tflops: float, device_kind: str, compute_dtype: str, measured_gflops: float
 ) -> tuple[float, str]:
@@ -563,8 +482,12 @@ def run(
     matmul_size: int = 2048,
     kernels: str = "auto",
     peak_tflops: float = 0.0,
+    kernel_options: str | None = None,
 ) -> dict[str, Any]:
-    """Runs every measurement on ``config``'s network, prints the report, returns the numbers."""
+    """Runs every measurement on ``config``'s network, prints the report, returns the numbers.
+
+    ``kernel_options``: ``tuning.parse_kernel_options`` text; None = the backend's options.
+    """
     import jax
 
     from alexnet_jax import model as model_lib
@@ -580,11 +503,14 @@ def run(
     print(f"host CPU: {out['cpu']['model'] or 'unknown'}; {features or 'flags unknown'}")
     out["host_allocator"] = allocator.active()
     out["cpu_conv_library"] = tuning.cpu_conv_library() if jax.default_backend() == "cpu" else "n/a"
+    options = None if kernel_options is None else tuning.parse_kernel_options(kernel_options)
     base = with_batch_size(config, batch_sizes[0])
-    base_model = build_model(base, kernels)
+    base_model = build_model(base, kernels, options=options)
     out["kernels"] = _describe_kernels(base_model.kernels)
+    out["kernel_options"] = (options or tuning.backend_options()).describe() or "none"
     print(f"host allocator: {out['host_allocator']}; CPU convolutions: "
-          f"{out['cpu_conv_library']}; kernels: {out['kernels']}")  # fmt: skip
+          f"{out['cpu_conv_library']}; kernels: {out['kernels']}; "
+          f"kernel options: {out['kernel_options']}")  # fmt: skip
     params = jax.eval_shape(
         functools.partial(train.init_state, base_model, optim.make_optimizer(base.optim), base.seed)
     ).params
@@ -607,25 +533,26 @@ def run(
 
     not_selected = "not selected (--framework, --skip_torch, --skip_torch_compile)"
     skipped = {f: not_selected for f in FRAMEWORKS if f not in frameworks}
-    torch_error = torch_unavailable(frameworks, jax.default_backend())
+    torch_error = torch_reference.torch_unavailable(frameworks, jax.default_backend())
     for f in frameworks:
         if f.startswith("torch") and torch_error:
             skipped[f] = torch_error
     out["rss_before_steps_mib"] = peak_rss_mib()
     for batch_size in batch_sizes:
         row = _time_batch(
-            with_batch_size(config, batch_size), frameworks, skipped, steps, kernels, out
+            with_batch_size(config, batch_size), frameworks, skipped, steps, (kernels, options),
+            out,
         )
         out["batches"][batch_size] = row
 
     if "jax" in frameworks and not skip_eval:
         eval_batch = batch_sizes[0]
-        out["eval"] = time_eval(base, eval_batch, steps, kernels)
+        out["eval"] = time_eval(base, eval_batch, steps, kernels, options)
         print(f"[eval] centre crop: {out['eval']['centre']:.1f} images/s (batch {eval_batch}); "
               f"10 crops: {out['eval']['ten_crop']:.1f} images/s "
               f"({max(1, eval_batch // 10)} images x 10 crops per call)")  # fmt: skip
     if "jax" in frameworks and not skip_layers:
-        out["layers"] = _print_layer_table(base, batch_sizes[-1], steps, kernels, out)
+        out["layers"] = _print_layer_table(base, batch_sizes[-1], steps, (kernels, options), out)
     out["peak_rss_mib"] = peak_rss_mib()
     print(f"peak resident memory (whole run): {out['peak_rss_mib']:.0f} MiB")
     return out
@@ -636,25 +563,34 @@ def _time_batch(
     frameworks: Sequence[str],
     skipped: dict[str, str],
     steps: int,
-    kernels: str,
+    kernels: tuple[str, tuple | None],
     out: dict[str, Any],
 ) -> dict[str, Any]:
-    """Builds each framework's step at ``config.batch_size``, times them in turns, prints."""
+    """Builds each framework's step at ``config.batch_size``, times them in turns, prints.
+
+    ``kernels``: (``--kernels``, ``tuning.KernelOptions`` or None) of the JAX model.
+    """
+    import jax
+
     batch_size = config.batch_size
     steps_by_name: dict[str, Callable[[], None]] = {}
     info: dict[str, dict[str, Any]] = {}
     if "jax" in frameworks:
-        jax_step = jax_train_step(config, kernels)
+        jax_step = jax_train_step(config, *kernels)
         steps_by_name["jax"] = jax_step
         info["jax"] = {"compile_s": jax_step.compile_s}
-    for name in ("torch", "torch_compile"):
-        if name in frameworks and name not in skipped:
-            try:
-                steps_by_name[name], info[name] = torch_train_step(
-                    config, compiled=name == "torch_compile"
-                )
-            except TorchCompileError as e:
-                skipped[name] = str(e)
+    torch_device = torch_reference.torch_device(jax.default_backend())[0]
+    torch_names = [n for n in ("torch", "torch_compile") if n in frameworks and n not in skipped]
+    if torch_names:
+        torch_reference.reset_device_peak(torch_device)
+        batch = random_batch(batch_size, config.model.num_classes)
+    for name in torch_names:
+        try:
+            steps_by_name[name], info[name] = torch_reference.torch_train_step(
+                config, batch, compiled=name == "torch_compile", device=torch_device
+            )
+        except torch_reference.TorchCompileError as e:
+            skipped[name] = str(e)
     times = time_alternating(steps_by_name, steps)
     row: dict[str, Any] = {}
     for name in FRAMEWORKS:
@@ -679,7 +615,8 @@ def _time_batch(
             line += (f", step {1e3 * batch_size / images_per_s:.0f} ms "
                      f"(best {batch_size / min(times['jax']):.1f} images/s)")  # fmt: skip
         else:
-            line += f" ({info[name]['threads']} threads, {info[name]['params']:,} parameters)"
+            row[f"{prefix}net"], row[f"{prefix}device"] = info[name]["net"], info[name]["device"]
+            line += f" ({torch_reference.describe(info[name])})"
         if name == "torch_compile":
             line += "; compile = its first step (dynamo + inductor)"
         print(line)
@@ -701,6 +638,12 @@ def _time_batch(
         print(f"[jax] memory at batch {batch_size}: {device_text}XLA's step buffers: "
               f"arguments {row['xla_arguments_mib']:.0f} MiB, "
               f"temporaries {row['xla_temporaries_mib']:.0f} MiB")  # fmt: skip
+    timed_torch = [n for n in torch_names if n in times]
+    row["torch_device_peak_mib"] = torch_reference.device_peak_mib(torch_device)
+    if timed_torch and row["torch_device_peak_mib"] is not None:
+        print(f"[torch] memory at batch {batch_size}: device peak allocated "
+              f"{row['torch_device_peak_mib']:.0f} MiB (tensors of {'+'.join(timed_torch)}; "
+              "torch.cuda.max_memory_allocated)")  # fmt: skip
     row["peak_rss_mib"] = peak_rss_mib()
     print(f"peak resident memory: {row['peak_rss_mib']:.0f} MiB (process, after batch "
           f"{batch_size}; holds {'+'.join(times) or 'nothing timed'}; "
@@ -709,9 +652,9 @@ def _time_batch(
 
 
 def _print_layer_table(
-    config: ml_collections.ConfigDict, batch_size: int, steps: int, kernels: str, out: dict
+    config: ml_collections.ConfigDict, batch_size: int, steps: int, kernels: tuple, out: dict
 ) -> list[tuple[str, str, float, float]]:
-    rows = layer_table(config, batch_size, steps, kernels)
+    rows = layer_table(config, batch_size, steps, *kernels)
     print(f"per-layer times, batch {batch_size} (median ms):")
     print(f"  {'layer':<16}{'output':<30}{'fwd ms':>9}{'fwd+bwd ms':>12}")
     for name, shape, fwd_ms, both_ms in rows:
@@ -779,6 +722,13 @@ def define_flags() -> None:
         "How the model computes its operations: the backend's choice, model.py's plain forms, "
         "or the CPU schedules (alexnet_jax/tuning.py).",
     )
+    flags.DEFINE_string(
+        "kernel_options",
+        None,
+        "tuning.KernelOptions as NAME=VALUE,... (e.g. lrn=compute_dtype,tower_convs=grouped,"
+        f"pad_input_channels=8; accepted: {dict(tuning.KERNEL_OPTION_VALUES)}); unset: the "
+        "backend's (tuning.KERNEL_OPTIONS_BY_BACKEND); '' = none.",
+    )
     flags.DEFINE_string("json", "", "Also write the numbers to this JSON file.")
 
 
@@ -811,6 +761,7 @@ def _run(argv: Sequence[str]) -> int:
         matmul_size=FLAGS.matmul_size,
         kernels=FLAGS.kernels,
         peak_tflops=FLAGS.peak_tflops,
+        kernel_options=FLAGS.kernel_options,
     )
     if FLAGS.json:
         with open(FLAGS.json, "w") as f:
