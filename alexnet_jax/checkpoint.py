@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from alexnet_jax import config_lib, errors
+from alexnet_jax.data import pipeline
 
 BEST_METRIC = "val_top1_error"
 T = TypeVar("T")
@@ -51,6 +52,10 @@ class ConfigMismatchError(config_lib.ConfigError):
 
 class ParamsOnlyCheckpointError(config_lib.ConfigError):
     """A workdir of weights alone (``import_weights``): no training state to resume."""
+
+
+class OlderIteratorStateError(errors.UsageError):
+    """A checkpoint whose data iterator state an older alexnet_jax wrote."""
 
 
 def _best_metric(metrics: Mapping[str, float]) -> float:
@@ -218,7 +223,7 @@ class Checkpointer:
         self,
         step: int,
         state: Any,
-        data_iter: grain.DatasetIterator,
+        data_iter: pipeline.BatchIterator,
         *,
         config: ml_collections.ConfigDict,
         metrics: Mapping[str, float] | None = None,
@@ -293,7 +298,7 @@ class Checkpointer:
         return restored.config
 
     def restore(
-        self, step: int, abstract_state: Any, data_iter: grain.DatasetIterator | None = None
+        self, step: int, abstract_state: Any, data_iter: pipeline.BatchIterator | None = None
     ) -> Any:
         """Restores the state (with ``abstract_state``'s shardings) and, if given, the iterator.
 
@@ -352,7 +357,7 @@ class Checkpointer:
     def restore_latest_usable(
         self,
         abstract_state: Any,
-        data_iter: grain.DatasetIterator | None,
+        data_iter: pipeline.BatchIterator | None,
         config: ml_collections.ConfigDict,
     ) -> tuple[int, Any] | None:
         """(step, state) from the newest checkpoint that restores; None if there are none.
@@ -388,13 +393,21 @@ class Checkpointer:
                     + "\n  ".join(changes)
                     + "\nKeep the checkpoint's values, or train the new model in another --workdir."
                 )
-            return self.restore(step, abstract_state, data_iter)
+            try:
+                return self.restore(step, abstract_state, data_iter)
+            except pipeline.IteratorStateError as e:
+                raise OlderIteratorStateError(
+                    f"The checkpoint at step {step} in {self.directory}: {e}. Finish that run "
+                    "with the alexnet_jax it was started with, or train from its weights in a "
+                    f"new workdir: python launch.py --config=<its config> --config.init_from="
+                    f"{self.workdir} --config.init_from_step={step} --workdir=NEW_DIR"
+                ) from None
 
         step, state, failures = first_usable(
             steps,
             attempt,
             self.directory,
-            reraise=(ConfigMismatchError, ParamsOnlyCheckpointError),
+            reraise=(ConfigMismatchError, ParamsOnlyCheckpointError, OlderIteratorStateError),
             advice="Move the directory away to start a new run, or fix the files.",
         )
         for bad_step, _ in failures:

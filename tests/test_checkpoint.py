@@ -435,3 +435,25 @@ def test_a_full_disk_during_a_save_stops_the_run_with_one_message(small_filesyst
     # Noticed at the save after the failed one at the latest (step 4), not 1000 steps later.
     steps = [int(m) for m in re.findall(r"step (\d+)/8", result.stderr)]
     assert max(steps) <= 4, steps
+
+
+def test_an_older_iterator_state_stops_the_resume_naming_the_way_on_and_moves_nothing(
+    tiny_trained_workdir, tiny_demo_dir, tmp_path
+):
+    import glob
+    import shutil
+
+    from alexnet_jax import train
+
+    workdir = tmp_path / "older"
+    shutil.copytree(tiny_trained_workdir, workdir)
+    states = glob.glob(str(workdir / "checkpoints" / "*" / "data_iter" / "*.json"))
+    assert states
+    for path in states:  # grain's own iterator state, as alexnet_jax saved it before.
+        with open(path, "w") as f:
+            f.write('{"next_index": 32}')
+    config = tiny_config(tiny_demo_dir)
+    config.max_steps = 4
+    with pytest.raises(checkpoint.OlderIteratorStateError, match="init_from_step=2 --workdir"):
+        train.train_and_evaluate(config, str(workdir))
+    assert not (workdir / checkpoint.QUARANTINE_DIR).exists()

@@ -20,8 +20,10 @@ uint8 crops on GPU/TPU), the batch dtype and the network. Measures, in one run:
      loop feeds it (batch t+1 is read while the device runs step t), and their
      ratio;
   4. the validation pass (centre crops, ``eval_batch_size``) in images/s.
-Host rates are medians of ``--rounds`` rounds; the loader alternates with the
-configured pipeline, so load from other processes affects both alike.
+Host rates are medians of ``--rounds`` rounds of ``--batches_per_round``
+batches, each count timed on its own after its workers have started and
+filled their buffers (timed in turns, one pipeline's workers would fill
+their buffers while another is timed).
 
 Images: ``../shared/imagenet-samples`` (100 real ImageNet JPEGs, class in the
 file name) when present, prepared with ``alexnet_jax.data.prepare``;
@@ -295,30 +297,20 @@ def run(
         )
 
         per_workers = {}
-        for workers in worker_counts(cores, max_workers):
-            if workers == configured:
-                continue  # Measured below, alternating with the loader.
+        for workers in sorted({*worker_counts(cores, max_workers), configured}):
             rate, _, train_input = host_input_rate(
                 config, dataset, mesh, workers, rounds=rounds, batches_per_round=batches_per_round
             )
             train_input.close()
             per_workers[workers] = rate
-
-        # The configured input and the full-size loader, in alternating rounds.
-        config_input = feed.train_input(config, dataset, mesh)
+        # Timed alone: a pipeline timed in turns with it would fill its buffers meanwhile.
         loader = FullSizeLoader(files, dataset.mean_image(), data.num_threads)
-        for _ in range(WARMUP_BATCHES):
-            next(config_input.iterator)
         loader.batch(batch_size)
-        pipeline_rates, loader_rates = [], []
-        next_pipeline_batch = functools.partial(next, config_input.iterator)
         next_loader_batch = functools.partial(loader.batch, batch_size)
-        for _ in range(rounds):
-            pipeline_rates.append(_rate(next_pipeline_batch, batch_size, batches_per_round))
-            loader_rates.append(_rate(next_loader_batch, batch_size, batches_per_round))
+        loader_rates = [
+            _rate(next_loader_batch, batch_size, batches_per_round) for _ in range(rounds)
+        ]
         loader.close()
-        config_input.close()
-        per_workers[configured] = statistics.median(pipeline_rates)
         loader_rate = statistics.median(loader_rates)
 
         step = train_step.jax_train_step(config)

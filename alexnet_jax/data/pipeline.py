@@ -520,7 +520,7 @@ class BatchIterator:
         self._iterator = None
 
 
-class IteratorStateError(ValueError):
+class IteratorStateError(errors.UsageError, ValueError):
     """A checkpoint's data iterator state that this version cannot continue."""
 
 
