@@ -2,8 +2,8 @@
 
 ``prepare`` (the offline command), the training pipeline and ``import_weights``
 read these; nothing here writes. ``open_tfds`` opens a built tfds dataset; the
-ILSVRC-2012 class order and validation labels come from the copies the
-tensorflow-datasets package ships.
+ILSVRC-2012 class order and validation labels are data files of this package
+(``ilsvrc2012/``), equal to the copies tensorflow-datasets ships (tested).
 """
 
 from __future__ import annotations
@@ -89,22 +89,24 @@ def open_tfds(spec: SourceSpec, split: str):
     return builder, source
 
 
-def _tfds_imagenet_dir() -> str:
-    import tensorflow_datasets
+# The ILSVRC-2012 class order and validation labels, shipped with the package (as
+# tensorflow-datasets ships them) so that no run needs tensorflow-datasets for them.
+ILSVRC2012_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ilsvrc2012")
 
-    return os.path.join(os.path.dirname(tensorflow_datasets.__file__), "datasets", "imagenet2012")
+
+def _read_words(filename: str) -> list[str]:
+    with open(os.path.join(ILSVRC2012_DIR, filename)) as f:
+        return f.read().split()
 
 
 def ilsvrc2012_wnids() -> list[str]:
-    """The standard 1000-class ILSVRC-2012 order (sorted wnids), from the tfds package."""
-    with open(os.path.join(_tfds_imagenet_dir(), "labels.txt")) as f:
-        return f.read().split()
+    """The standard 1000-class ILSVRC-2012 order (sorted wnids)."""
+    return _read_words("wnids.txt")
 
 
 def ilsvrc2012_validation_wnids() -> list[str]:
     """Wnid of each validation image, line i for ILSVRC2012_val_{i+1:08d}.JPEG."""
-    with open(os.path.join(_tfds_imagenet_dir(), "validation_labels.txt")) as f:
-        return f.read().split()
+    return _read_words("validation_wnids.txt")
 
 
 def read_class_names(path: str | None) -> dict[str, str]:
