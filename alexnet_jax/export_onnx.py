@@ -224,9 +224,7 @@ def network_graph(
 
     num_classes = int(np.shape(fc8["bias"])[0])
     inputs = [
-        helper.make_tensor_value_info(
-            INPUT_NAME, TensorProto.UINT8, ["b", crop_size, crop_size, 3]
-        )
+        helper.make_tensor_value_info(INPUT_NAME, TensorProto.UINT8, ["b", crop_size, crop_size, 3])
     ]
     outputs = [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["b", num_classes])]
     return helper.make_graph(
@@ -314,9 +312,7 @@ def describe(trained: inference.TrainedModel, onnx_model: onnx.ModelProto) -> di
     """``export.describe``'s description for an ONNX file: the runtime call, opset, names."""
     description = {
         "format": FORMAT,
-        "load": (
-            f"onnxruntime.InferenceSession(path).run(None, {{'{INPUT_NAME}': pixels}})[0]"
-        ),
+        "load": (f"onnxruntime.InferenceSession(path).run(None, {{'{INPUT_NAME}': pixels}})[0]"),
         "opset": OPSET,
         "ir_version": onnx_model.ir_version,
         "onnx_version": onnx.__version__,

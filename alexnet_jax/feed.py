@@ -5,7 +5,7 @@
 measures what a run does: the grain iterator (its worker processes sized by
 ``tuning.input_workers``), the transfer to the mesh, and on an accelerator
 the device's finish of the augmentation (``device_augment``).
-``validation_batches`` does the same for the validation pass.
+``validation_input`` does the same for the validation passes.
 """
 
 from __future__ import annotations
@@ -106,17 +106,37 @@ def _device_finisher(
     return lambda batch: finish(batch, mean)
 
 
-def validation_batches(
+@dataclasses.dataclass
+class ValidationInput:
+    """The validation split, pass after pass, as global device batches (centre crops).
+
+    Each pass is padded to ``config.eval_batch_size`` with a 0/1 ``mask``. The
+    iterator behind it is endless, so its worker processes start once per run.
+    """
+
+    iterator: pipeline.BatchIterator
+    batches_per_pass: int
+    local_batch: int
+    to_device: Callable[[dict[str, np.ndarray]], DeviceBatch]
+
+    def one_pass(self) -> Iterator[DeviceBatch]:
+        for _ in range(self.batches_per_pass):
+            local = inference.pad_batch(next(self.iterator), self.local_batch)
+            yield self.to_device(local)
+
+    def close(self) -> None:
+        self.iterator.close()
+
+
+def validation_input(
     config: ml_collections.ConfigDict,
     dataset: pipeline.Dataset,
     mesh: jax.sharding.Mesh,
     *,
     split: str = "val",
-) -> Iterator[DeviceBatch]:
-    """One pass over ``split`` (centre crops), padded to ``config.eval_batch_size`` with a
-    0/1 ``mask``, as global device arrays with the images finished."""
+) -> ValidationInput:
+    """The validation input of ``config`` on ``mesh``, finished on the device where it runs."""
     shard_index, shard_count = sharding.process_data_shard(mesh)
-    local_batch = config.eval_batch_size // shard_count
     prep = preprocessing(config, dataset)
     finish = None
     if prep.finish_on_device:
@@ -131,10 +151,14 @@ def validation_batches(
         split=split,
         process_index=shard_index,
         process_count=shard_count,
+        endless=True,
     )
-    try:
-        for local in iterator:
-            batch = sharding.global_batch(mesh, inference.pad_batch(local, local_batch))
-            yield finish(batch) if finish is not None else batch
-    finally:
-        iterator.close()
+    count = pipeline.eval_batches_per_pass(
+        dataset, split, config.eval_batch_size, shard_index, shard_count
+    )
+
+    def to_device(local: dict[str, np.ndarray]) -> DeviceBatch:
+        batch = sharding.global_batch(mesh, local)
+        return finish(batch) if finish is not None else batch
+
+    return ValidationInput(iterator, count, config.eval_batch_size // shard_count, to_device)

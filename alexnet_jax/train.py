@@ -130,16 +130,10 @@ def eval_step(params: Any, batch: dict[str, jax.Array], *, model: AlexNet) -> di
     }
 
 
-def evaluate(
-    params: Any,
-    eval_fn: Any,
-    dataset: pipeline.Dataset,
-    mesh: jax.sharding.Mesh,
-    config: ml_collections.ConfigDict,
-) -> dict[str, float]:
+def evaluate(params: Any, eval_fn: Any, validation: feed.ValidationInput) -> dict[str, float]:
     """Mean loss and top-1/top-5 error over the validation split (centre crop)."""
     totals: dict[str, float] = {}
-    for batch in feed.validation_batches(config, dataset, mesh):
+    for batch in validation.one_pass():
         sums = jax.device_get(eval_fn(params, batch))
         for k, v in sums.items():
             totals[k] = totals.get(k, 0.0) + float(v)
@@ -300,6 +294,7 @@ def _train_and_evaluate(
 
     train_input = feed.train_input(config, dataset, mesh)
     train_iter = train_input.iterator  # Checkpointed with the state.
+    validation = feed.validation_input(config, dataset, mesh)
     logging.info(
         "Input: %s, %d worker process(es) x %d thread(s)%s",
         "uint8 crops finished on the device"
@@ -427,7 +422,7 @@ def _train_and_evaluate(
         evaluated = step % eval_every_steps == 0 or step == total_steps
         if evaluated:
             eval_start = time.time()
-            eval_metrics = evaluate(state.params, eval_fn, dataset, mesh, config)
+            eval_metrics = evaluate(state.params, eval_fn, validation)
             writer.write(step, "val", eval_metrics)
             old_schedule = jax.device_get(state.schedule)
             state = state.replace(
@@ -478,6 +473,7 @@ def _train_and_evaluate(
 
     profiler.close()
     train_input.close()  # Stops the input's worker processes.
+    validation.close()
     ckpt.wait()
     _log_summary(step, eval_metrics, guard, time.time() - run_start, rates, ckpt.directory)
     ckpt.close()

@@ -99,11 +99,15 @@ def test_the_table_reads_each_stage_and_checks_the_targets(tmp_path):
         return {"batches": {"512": r}}
 
     _write(tmp_path / "jax_paper_bf16.json", row("", 32000.0, 20.0, 4400.0))
-    _write(tmp_path / "torch_compile_paper_bf16.json",
-           row("torch_compile_", 20000.0, 41.0, 4300.0, "built from model.VARIANTS['paper']"))
+    _write(
+        tmp_path / "torch_compile_paper_bf16.json",
+        row("torch_compile_", 20000.0, 41.0, 4300.0, "built from model.VARIANTS['paper']"),
+    )
     _write(tmp_path / "jax_torchvision_bf16.json", row("", 47000.0, 15.0, 3000.0))
-    _write(tmp_path / "torch_compile_torchvision_bf16.json",
-           row("torch_compile_", 40000.0, 30.0, 2500.0, "torchvision 0.26.0 models.alexnet"))
+    _write(
+        tmp_path / "torch_compile_torchvision_bf16.json",
+        row("torch_compile_", 40000.0, 30.0, 2500.0, "torchvision 0.26.0 models.alexnet"),
+    )
     # torch_paper_bf16, the f32 rows and the torchvision eager row did not run.
     _write(tmp_path / gpu_table.KERNEL_CHOICES_FILE, {
         "variant": "paper", "compute_dtype": "bfloat16", "batch_size": 512,

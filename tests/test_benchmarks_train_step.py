@@ -162,4 +162,3 @@ def test_command_takes_a_config_and_overrides(tmp_path):
         [*command[:3], "--width=0.5"], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert removed.returncode != 0 and "width" in removed.stderr
-

@@ -123,15 +123,17 @@ def test_a_wrong_module_flag_field_or_config_is_reported():
         "```bash\npython launch.py --config=configs/demoo.py --config.batch_szie=3 \\\n"
         "    --workdir=W\n```\n"
     )
-    assert sorted(_problems(text)) == sorted([
-        "no module alexnet_jax/predictt.py: python -m alexnet_jax.predictt --workdir=W",
-        "alexnet_jax/predict.py defines no --wrokdir: python -m alexnet_jax.predict --wrokdir=W "
-        "--step=1",
-        "no config field config.batch_szie: python launch.py --config=configs/demoo.py "
-        "--config.batch_szie=3 --workdir=W",
-        "no config file configs/demoo.py: python launch.py --config=configs/demoo.py "
-        "--config.batch_szie=3 --workdir=W",
-    ])
+    assert sorted(_problems(text)) == sorted(
+        [
+            "no module alexnet_jax/predictt.py: python -m alexnet_jax.predictt --workdir=W",
+            "alexnet_jax/predict.py defines no --wrokdir: "
+            "python -m alexnet_jax.predict --wrokdir=W --step=1",
+            "no config field config.batch_szie: python launch.py --config=configs/demoo.py "
+            "--config.batch_szie=3 --workdir=W",
+            "no config file configs/demoo.py: python launch.py --config=configs/demoo.py "
+            "--config.batch_szie=3 --workdir=W",
+        ]
+    )
 
 
 @pytest.mark.parametrize("document", README_AND_DOCS)

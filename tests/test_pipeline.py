@@ -303,3 +303,24 @@ def test_input_workers_auto_is_none_on_cpu_and_all_cores_but_one_on_accelerators
     assert tuning.input_workers(-1, backend="tpu", cores=1) == 1
     assert tuning.input_workers(3, backend="cpu", cores=16) == 3  # Set: taken as it is.
     assert tuning.input_workers(0, backend="gpu", cores=16) == 0
+
+
+@pytest.mark.parametrize("process_index, process_count", [(0, 1), (1, 2)])
+def test_an_endless_evaluation_iterator_repeats_the_pass(dataset, process_index, process_count):
+    kwargs = {
+        "batch_size": 8,
+        "preprocessing": dataclasses.replace(
+            pipeline.Preprocessing.paper(dataset), finish_on_device=True
+        ),
+        "loading": pipeline.Loading(num_threads=1),
+        "process_index": process_index,
+        "process_count": process_count,
+    }
+    one = list(pipeline.eval_iterator(dataset, **kwargs))
+    n = pipeline.eval_batches_per_pass(dataset, "val", 8, process_index, process_count)
+    assert n == len(one) and len(one[-1]["labels"]) < len(one[0]["labels"])  # A short last one.
+    endless = pipeline.eval_iterator(dataset, endless=True, **kwargs)
+    passes = [next(endless) for _ in range(2 * n)]
+    for expected, got in zip(one + one, passes, strict=True):
+        np.testing.assert_array_equal(expected["images"], got["images"])
+        np.testing.assert_array_equal(expected["labels"], got["labels"])

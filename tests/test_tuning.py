@@ -130,7 +130,9 @@ def plain_network_reference():
         tuning.kernels("gpu", options=EVERY_OPTION),
     ],
     ids=[
-        "cpu_eigen_chunks_of_one", "cpu_ynnpack_whole_batch", "plain_chunks_of_two",
+        "cpu_eigen_chunks_of_one",
+        "cpu_ynnpack_whole_batch",
+        "plain_chunks_of_two",
         "gpu_every_option",
     ],  # fmt: skip
 )

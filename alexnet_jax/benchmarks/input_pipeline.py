@@ -5,7 +5,7 @@ r"""Does the input keep up? The training input, worker by worker, against the tr
         --config.data.augment_on=device --config.model.width=0.25
 
 Everything is built as a training run builds it (``feed.train_input``,
-``feed.validation_batches``), from the config (``--config`` plus
+``feed.validation_input``), from the config (``--config`` plus
 ``--config.*`` overrides, as ``launch.py`` takes them): the batch size, the
 workers and threads, where the augmentation is finished (``augment_on``:
 uint8 crops on GPU/TPU), the batch dtype and the network. Measures, in one run:
@@ -174,7 +174,8 @@ def fed_step_rate(step: train_step.JaxStep, train_input, batch_size: int, steps:
 
 
 def validation_rate(config: ml_collections.ConfigDict, dataset, step: train_step.JaxStep) -> float:
-    """Images/s of one validation pass as the loop runs it (after a pass that compiles)."""
+    """Images/s of a validation pass as the loop runs it: the second pass of one input (the
+    first compiles and starts the workers, which a run starts once)."""
     import jax
 
     from alexnet_jax import feed, train
@@ -182,11 +183,13 @@ def validation_rate(config: ml_collections.ConfigDict, dataset, step: train_step
     model = train_step.build_model(config, "auto", step.mesh)
     eval_fn = jax.jit(functools.partial(train.eval_step, model=model))
     params = step.state.params
-    for batch in feed.validation_batches(config, dataset, step.mesh):
+    validation = feed.validation_input(config, dataset, step.mesh)
+    for batch in validation.one_pass():
         jax.block_until_ready(eval_fn(params, batch))
     start, count = time.perf_counter(), 0.0
-    for batch in feed.validation_batches(config, dataset, step.mesh):
+    for batch in validation.one_pass():
         count += float(eval_fn(params, batch)["count"])
+    validation.close()
     return count / (time.perf_counter() - start)
 
 

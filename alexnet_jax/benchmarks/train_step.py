@@ -540,7 +540,11 @@ def run(
     out["rss_before_steps_mib"] = peak_rss_mib()
     for batch_size in batch_sizes:
         row = _time_batch(
-            with_batch_size(config, batch_size), frameworks, skipped, steps, (kernels, options),
+            with_batch_size(config, batch_size),
+            frameworks,
+            skipped,
+            steps,
+            (kernels, options),
             out,
         )
         out["batches"][batch_size] = row

@@ -434,10 +434,6 @@ class _Batches(grain.MapDataset):
         self._global_batch, self._local_batch, self._offset = global_batch, local_batch, offset
         self._drop_remainder = drop_remainder
 
-    @property
-    def local_batch(self) -> int:
-        return self._local_batch
-
     def __len__(self) -> int:
         full, rest = divmod(len(self._parents[0]), self._global_batch)
         if self._drop_remainder:
@@ -447,6 +443,7 @@ class _Batches(grain.MapDataset):
     def __getitem__(self, k):
         if isinstance(k, slice):
             return self.slice(k)
+        k %= len(self)  # As grain's own datasets do: ``repeat`` passes indices on as they are.
         records = self._parents[0]
         start = k * self._global_batch + self._offset
         positions = range(start, min(start + self._local_batch, len(records)))
@@ -478,8 +475,8 @@ class BatchIterator:
     ``start_prefetch`` after ``set_state``.
     """
 
-    def __init__(self, batches: _Batches, loading: Loading):
-        self._batches, self._loading = batches, loading
+    def __init__(self, batches: grain.MapDataset, local_batch: int, loading: Loading):
+        self._batches, self._local_batch, self._loading = batches, local_batch, loading
         self._next_batch = 0
         self._iterator: Any = None
 
@@ -511,7 +508,7 @@ class BatchIterator:
         """Starts reading (and the worker processes) from the next batch on."""
         if self._iterator is None:
             remaining = self._batches[self._next_batch :]
-            self._iterator = _read(remaining, self._batches.local_batch, self._loading)
+            self._iterator = _read(remaining, self._local_batch, self._loading)
 
     def close(self) -> None:
         """Stops the worker processes, if any; iterating again restarts them."""
@@ -580,7 +577,7 @@ def train_iterator(
         drop_remainder=True,
         shared_memory=loading.num_workers > 0,
     )
-    return BatchIterator(batches, loading)
+    return BatchIterator(batches, local_batch, loading)
 
 
 def eval_iterator(
@@ -593,6 +590,7 @@ def eval_iterator(
     split: str = "val",
     process_index: int = 0,
     process_count: int = 1,
+    endless: bool = False,
 ) -> BatchIterator:
     """One pass over ``split`` in order; the last batch may be short.
 
@@ -600,6 +598,8 @@ def eval_iterator(
     B x 10 x crop x crop x 3; average the softmax over axis 1 with
     ``augment.average_crop_softmax``. With ``preprocessing.finish_on_device``
     they are uint8 pixels (see ``EvalTransform``). PCA noise is never applied.
+    ``endless`` repeats the pass without end (``eval_batches_per_pass`` batches
+    each), so a training run's validation workers start once, not every pass.
     """
     local_batch = batch_size // process_count
     records = grain.MapDataset.source(dataset.source(split))[process_index::process_count]
@@ -615,4 +615,12 @@ def eval_iterator(
     if ten_crop and loading.prefetch == 0 and not preprocessing.finish_on_device:
         # Ten float crops an image: two batches ahead of at most 64 images.
         loading = dataclasses.replace(loading, prefetch=min(2 * local_batch, 64))
-    return BatchIterator(batches, loading)
+    return BatchIterator(batches.repeat() if endless else batches, local_batch, loading)
+
+
+def eval_batches_per_pass(
+    dataset: Dataset, split: str, batch_size: int, process_index: int = 0, process_count: int = 1
+) -> int:
+    """How many batches ``eval_iterator`` gives this process in one pass over ``split``."""
+    records = len(range(process_index, dataset.num_examples(split), process_count))
+    return -(-records // (batch_size // process_count))

@@ -125,9 +125,7 @@ def prepare(
         examples_per_shard=examples_per_shard,
         existing=existing,
     )
-    tasks, reports = shards.plan_tasks(
-        spec, listing.items, splits, output_dir, examples_per_shard
-    )
+    tasks, reports = shards.plan_tasks(spec, listing.items, splits, output_dir, examples_per_shard)
     total_images = sum(len(listing.items[s]) for s in splits)
     done_images = sum(r["count"] + len(r["bad_files"]) for r in reports.values())
     total_shards = len(tasks) + len(reports)
