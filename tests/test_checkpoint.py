@@ -7,6 +7,10 @@ the train step compiles in as few processes as possible:
   B1  same config, SIGKILLed after step 5 is logged  }
   B2  relaunch into B's workdir, SIGTERMed a few steps after it resumes
   B3  relaunch into B's workdir up to step 20        } run side by side
+
+A reads its input in-process; B1, B2 and B3 with 2, 1 and 0 worker processes
+(``data.num_workers``): a resume on another number of workers continues the
+same batches, so B ends bitwise equal to A.
   C   learning rate 1e30: the loss becomes NaN       }
 """
 
@@ -289,12 +293,18 @@ def runs(tiny_demo_dir, tmp_path_factory):
     out = {"ref": ref, "interrupted": interrupted, "nan": nan_run}
 
     a = _start(_overrides(tiny_demo_dir, ref), root / "A.log")
-    b1 = _start(_overrides(tiny_demo_dir, interrupted, max_steps=400), root / "B1.log")
+    b1 = _start(
+        _overrides(tiny_demo_dir, interrupted, max_steps=400, **{"data.num_workers": 2}),
+        root / "B1.log",
+    )
     out["killed_after"] = _signal_after(b1, interrupted, 5, signal.SIGKILL)
     out["b1"] = _finish(b1)
 
     rows_before_b2 = _num_rows(interrupted)
-    b2 = _start(_overrides(tiny_demo_dir, interrupted, max_steps=400), root / "B2.log")
+    b2 = _start(
+        _overrides(tiny_demo_dir, interrupted, max_steps=400, **{"data.num_workers": 1}),
+        root / "B2.log",
+    )
     out["a"] = _finish(a)  # A runs alongside B1 and B2.
     deadline = time.time() + 240
     b2_log = pathlib.Path(b2.log_path)
