@@ -55,12 +55,6 @@ def metadata_path(path: str) -> str:
     return path + ".json"
 
 
-def centre_patch(image_HxWx3: np.ndarray, crop_size: int = inference.CROP_SIZE) -> np.ndarray:
-    """The central ``crop_size`` patch: an exported model's input, cut from a prepared image."""
-    top, left = augment.center_crop_window(*image_HxWx3.shape[:2], crop_size)
-    return augment.crop(image_HxWx3, top, left, crop_size)
-
-
 def probabilities_fn(trained: inference.TrainedModel) -> Callable[[jax.Array], jax.Array]:
     """Bx224x224x3 pixels of centre patches -> B x K, the same values as predict's centre crop.
 
@@ -72,7 +66,7 @@ def probabilities_fn(trained: inference.TrainedModel) -> Callable[[jax.Array], j
     unknown size cannot be.
     """
     p = trained.preprocessing
-    mean_patch = np.ascontiguousarray(centre_patch(p.mean, p.crop_size), np.float32)
+    mean_patch = np.ascontiguousarray(inference.centre_patch(p.mean, p.crop_size), np.float32)
     scale = np.asarray(p.scale, np.float32)  # One number, or one per RGB channel.
     model = trained.model.clone(mesh=None, kernels=tuning.plain_kernels(0))
     params = trained.params
@@ -286,7 +280,7 @@ def _write_onnx(trained: inference.TrainedModel, output: str) -> int:
     onnx_model = export_onnx.build(trained)
     try:
         write_atomically(output, onnx_model.SerializeToString())
-        save_description(export_onnx.describe(trained, onnx_model), output)
+        save_description(export_onnx.describe(onnx_model, describe_model(trained)), output)
     except OSError as e:
         raise errors.UsageError(str(e)) from None
     logging.info(

@@ -40,7 +40,7 @@ import onnx
 from absl import logging
 from onnx import TensorProto, helper, numpy_helper
 
-from alexnet_jax import export, inference, model
+from alexnet_jax import inference, model
 
 # Every op used here has had its present definition since opset 14 at the latest; 17 (ONNX 1.12,
 # 2022) is old enough for any current runtime to read.
@@ -288,7 +288,7 @@ def build(trained: inference.TrainedModel) -> onnx.ModelProto:
         trained.model,
         trained.params,
         crop_size=p.crop_size,
-        mean_patch_SxSx3=export.centre_patch(p.mean, p.crop_size),
+        mean_patch_SxSx3=inference.centre_patch(p.mean, p.crop_size),
         scale=p.scale,
         name=f"alexnet_{trained.config.model.variant}",
         doc_string=describe_graph(trained),
@@ -308,8 +308,9 @@ def build(trained: inference.TrainedModel) -> onnx.ModelProto:
     return onnx_model
 
 
-def describe(trained: inference.TrainedModel, onnx_model: onnx.ModelProto) -> dict[str, Any]:
-    """``export.describe``'s description for an ONNX file: the runtime call, opset, names."""
+def describe(onnx_model: onnx.ModelProto, model_description: dict[str, Any]) -> dict[str, Any]:
+    """The description of an ONNX file: the runtime call, opset, names, and
+    ``model_description`` (``export.describe_model``: input, inside, output, classes)."""
     description = {
         "format": FORMAT,
         "load": (f"onnxruntime.InferenceSession(path).run(None, {{'{INPUT_NAME}': pixels}})[0]"),
@@ -317,7 +318,7 @@ def describe(trained: inference.TrainedModel, onnx_model: onnx.ModelProto) -> di
         "ir_version": onnx_model.ir_version,
         "onnx_version": onnx.__version__,
         "arithmetic": "float32 throughout (whatever the run's model.compute_dtype)",
-        **export.describe_model(trained),
+        **model_description,
     }
     description["input"] = {"name": INPUT_NAME, **description["input"]}
     description["output"] = {"name": OUTPUT_NAME, **description["output"]}

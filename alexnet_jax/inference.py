@@ -228,6 +228,12 @@ def read_image(path: str) -> np.ndarray:
     return np.asarray(image, np.uint8)
 
 
+def centre_patch(image_HxWx3: np.ndarray, crop_size: int = CROP_SIZE) -> np.ndarray:
+    """The central ``crop_size`` patch: an exported model's input, cut from a prepared image."""
+    top, left = augment.center_crop_window(*image_HxWx3.shape[:2], crop_size)
+    return augment.crop(image_HxWx3, top, left, crop_size)
+
+
 def make_probabilities_fn(model: AlexNet):
     """Jitted (params, B x V x 224 x 224 x 3 views) -> softmax averaged over the V views."""
 

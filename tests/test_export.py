@@ -50,7 +50,7 @@ def test_reloaded_file_gives_predicts_probabilities_for_two_batch_sizes(
     run = export.load(exported_file)
     for n in (5, 2):  # One file, one symbolic batch size.
         expected = predict.predict_probabilities(trained, val_images[:n], batch_size=n)
-        got = np.asarray(run(np.stack([export.centre_patch(im) for im in val_images[:n]])))
+        got = np.asarray(run(np.stack([inference.centre_patch(im) for im in val_images[:n]])))
         assert got.shape == (n, trained.config.model.num_classes) and got.dtype == np.float32
         # predict runs the CPU schedules (side-by-side convs, chunks), the file the plain
         # forms: the same float32 sums in another order, a few ulp apart. Probabilities are

@@ -129,7 +129,7 @@ def run_onnx(model_file: bytes | ort.InferenceSession, crops_BxSxSx3: np.ndarray
 
 
 def centre_patches(trained, images):
-    return np.stack([export.centre_patch(im, trained.preprocessing.crop_size) for im in images])
+    return np.stack([inference.centre_patch(im, trained.preprocessing.crop_size) for im in images])
 
 
 @pytest.fixture(scope="module")
