@@ -236,6 +236,9 @@ def test_the_loop_report_reads_the_rates_and_checks_the_resume(tmp_path):
     assert summary["problems"] == [
         "no train rows after step 6: the resumed run did not train"
     ]  # fmt: skip
+    absent = str(tmp_path / "none")
+    summary = loop_report.summarize(_rows(6, 10, 2, resumed_at=6), 6, absent)
+    assert summary["problems"] == [f"no log of the second launch at {absent}: did it run?"]
     with pytest.raises(loop_report.MetricsMissingError, match="No metrics.jsonl"):
         loop_report.read_rows(str(tmp_path))
 

@@ -108,6 +108,7 @@ gpu_stage loop_evaluate "${limits[8]}" "$PYTHON" -m alexnet_jax.evaluate --workd
 gpu_stage loop_report "${limits[9]}" "$PYTHON" -m alexnet_jax.benchmarks.loop_report \
   --workdir="$workdir" --first_steps="$first_steps" --resume_log="$log_dir/loop_resume.log" \
   --json="$log_dir/loop.json"
+cp "$workdir/metrics.jsonl" "$log_dir/loop_metrics.jsonl" 2>/dev/null  # The rows it read.
 # The loop's numbers on the report's summary line (the report printed them).
 loop_line="$(grep -h '^training loop:' "$log_dir/loop_report.log" 2>/dev/null)"
 if [ -n "$loop_line" ]; then

@@ -65,7 +65,9 @@ def summarize(
     if first_steps not in val_steps or not train or train[-1]["step"] not in val_steps:
         problems.append(f"no evaluation at the end of each launch (val rows at {val_steps})")
     resumed_from = None
-    if resume_log is not None:
+    if resume_log is not None and not os.path.isfile(resume_log):
+        problems.append(f"no log of the second launch at {resume_log}: did it run?")
+    elif resume_log is not None:
         with open(resume_log, errors="replace") as f:
             found = RESUMED.findall(f.read())
         resumed_from = int(found[-1]) if found else None
