@@ -1,11 +1,16 @@
 # Shared by the GPU benchmark scripts (source it from the repo root): the wheels a GPU image
 # lacks, their offline install, and stages that run under a timeout within a total budget.
 #
-# The GPU image (Python 3.12, jax, flax, optax, orbax-checkpoint, torch) lacks grain,
-# array_record, ml_collections and portpicker (grain's). `gpu_download_wheels` puts their
-# manylinux cp312 wheels in $WHEELS (default wheels/, git-ignored by its own .gitignore) where
-# PyPI is reachable; `gpu_install_missing_wheels` installs from there, offline, only what
-# $PYTHON cannot import, into a scratch folder put on PYTHONPATH.
+# GPU_IMAGE_PACKAGES are what the GPU image has (with what they require), as
+# ../shared/tools/gpu-image-venv.sh lists them; GPU_WHEEL_PINS are what the commands the GPU
+# scripts run import on top of that (and those wheels' own requirements, since they install
+# without their dependencies). tests/test_benchmarks_gpu.py holds the two lists to the import
+# closure of those commands: a new dependency fails it until it is pinned here.
+# `gpu_download_wheels` puts the pinned manylinux cp312 wheels in $WHEELS (default wheels/,
+# git-ignored by its own .gitignore) where PyPI is reachable, with a copy of
+# ../shared/imagenet-samples (the input benchmark's real JPEGs; they do not travel otherwise);
+# `gpu_install_missing_wheels` installs from there, offline, only what $PYTHON cannot import,
+# into a scratch folder put on PYTHONPATH.
 #
 # A script that sources this sets PYTHON, WHEELS, budget_s and log_dir, creates the scratch
 # folder ($gpu_scratch, removed at exit by gpu_make_scratch's trap), then calls `gpu_stage NAME
@@ -13,8 +18,14 @@
 # and to $log_dir/NAME.log; its status (ok, TIMED OUT, FAILED, SKIPPED when the budget is
 # spent) goes to the summary gpu_finish prints; gpu_finish exits 0 when every stage is ok.
 
-GPU_WHEEL_PINS=(grain==0.2.18 array_record==0.8.6 ml_collections==1.1.0 portpicker==1.6.0)
-GPU_WHEEL_MODULES=(grain array_record ml_collections portpicker)  # Same order as the pins.
+GPU_IMAGE_PACKAGES=(jax jaxlib flax optax orbax-checkpoint numpy pillow absl-py msgpack
+  matplotlib "etils[epath,epy]" protobuf psutil pyyaml cloudpickle tensorboard packaging torch
+  torchvision)
+GPU_WHEEL_PINS=(grain==0.2.18 array_record==0.8.6 ml_collections==1.1.0 portpicker==1.6.0
+  simplejpeg==1.9.0 tensorboardX==2.6.5)
+# The module each pin provides, in the same order (checked by the test).
+GPU_WHEEL_MODULES=(grain array_record ml_collections portpicker simplejpeg tensorboardX)
+GPU_SAMPLES="imagenet-samples"  # The folder in $WHEELS holding the copied sample JPEGs.
 gpu_summary=()
 gpu_start=$SECONDS
 
@@ -24,6 +35,13 @@ gpu_download_wheels() {  # Where PyPI is reachable: the pinned wheels into $WHEE
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$WHEELS" \
     "${GPU_WHEEL_PINS[@]}" || return 1
   printf '*\n' >"$WHEELS/.gitignore"  # The folder ignores itself: never committed.
+  local samples=../shared/imagenet-samples
+  if [ -d "$samples" ]; then
+    rm -rf "${WHEELS:?}/$GPU_SAMPLES"
+    cp -r "$samples" "$WHEELS/$GPU_SAMPLES"
+  else
+    echo "no $samples here: the input stage will use synthetic JPEGs on the GPU host"
+  fi
   du -sh "$WHEELS"
 }
 
@@ -57,7 +75,12 @@ gpu_missing_wheels() {  # The wheels in $WHEELS of the packages $PYTHON cannot i
   local i
   for i in "${!GPU_WHEEL_MODULES[@]}"; do
     if ! "$PYTHON" -c "import importlib.util as u, sys; sys.exit(u.find_spec('${GPU_WHEEL_MODULES[$i]}') is None)"; then
-      ls "$WHEELS/${GPU_WHEEL_PINS[$i]%%==*}"-*.whl 2>/dev/null || echo "absent:${GPU_WHEEL_PINS[$i]}"
+      local pin="${GPU_WHEEL_PINS[$i]}" found
+      # A wheel's file name spells the project normalized: lower case, "_" for "-" and ".".
+      local name="${pin%%==*}"
+      name="${name//[-.]/_}"
+      found="$(find "$WHEELS" -maxdepth 1 -iname "${name}-${pin#*==}-*.whl" 2>/dev/null | head -n1)"
+      echo "${found:-absent:$pin}"
     fi
   done
 }
