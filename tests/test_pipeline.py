@@ -48,7 +48,8 @@ def test_same_seed_same_batches_whatever_the_threads(dataset):
     assert a[0]["images"].shape == (16, 224, 224, 3) and a[0]["images"].dtype == np.float32
 
 
-@pytest.mark.parametrize("workers", [3, "auto"])  # 1 worker: test_checkpoint's B2 run.
+# 1 worker: test_checkpoint's B2 run; 3 workers: slow (the auto setting runs 2 here).
+@pytest.mark.parametrize("workers", [pytest.param(3, marks=pytest.mark.slow), "auto"])
 def test_worker_processes_give_the_same_batches_and_restore_on_any_count(dataset, workers):
     if workers == "auto":  # What an accelerator host of 3 cores runs: 2 workers.
         workers = tuning.input_workers(-1, backend="gpu", cores=3)
