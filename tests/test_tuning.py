@@ -178,13 +178,19 @@ def test_the_cpu_schedules_give_each_variants_plain_logits_and_gradients(variant
     (_, logits_t), grads_t = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(
         params, tuned
     )
-    np.testing.assert_allclose(logits_t, logits_p, rtol=1e-5, atol=1e-5)
+    # Each logit is a float32 sum whose terms reach the logits' scale (~1e2 here), so a logit
+    # near 0 carries rounding of that scale's order: the bound is relative to the largest.
+    logit_scale = float(jnp.abs(logits_p).max())
+    np.testing.assert_allclose(logits_t, logits_p, rtol=1e-5, atol=1e-5 * logit_scale)
+    # A bias gradient sums ~1e4 per-position terms that largely cancel (the sum is ~1e-2 of
+    # the terms' magnitudes); summed in another order (grouped convolutions, chunks) float32
+    # moves it by ~sqrt(1e4) * 6e-8 of those magnitudes, i.e. up to a few 1e-4 of the result.
     for (path, g_p), g_t in zip(
         jax.tree_util.tree_leaves_with_path(grads_p), jax.tree.leaves(grads_t), strict=True
     ):
         scale = float(jnp.abs(g_p).max())
         assert scale > 0, jax.tree_util.keystr(path)
-        np.testing.assert_allclose(g_t, g_p, atol=1e-4 * scale, err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_allclose(g_t, g_p, atol=3e-4 * scale, err_msg=jax.tree_util.keystr(path))
 
 
 def test_the_backend_picks_the_kernels():
