@@ -75,24 +75,20 @@ def train_input(
         process_index=shard_index,
         process_count=shard_count,
     )
-    finish = None
-    if prep.finish_on_device:
-        finish = _device_finisher(device_augment.finish_training_batch, prep, mesh)
-
-    def to_device(local: dict[str, np.ndarray]) -> DeviceBatch:
-        batch = sharding.global_batch(mesh, local)
-        return finish(batch) if finish is not None else batch
-
+    to_device = _to_device(mesh, prep, device_augment.finish_training_batch)
     return TrainInput(iterator, to_device, read, prep)
 
 
-def _device_finisher(
-    finish_fn: Callable[..., DeviceBatch],
-    prep: pipeline.Preprocessing,
+def _to_device(
     mesh: jax.sharding.Mesh,
+    prep: pipeline.Preprocessing,
+    finish_fn: Callable[..., DeviceBatch],
     **options: object,
-) -> Callable[[DeviceBatch], DeviceBatch]:
-    """``finish_fn`` (a ``device_augment`` function) jitted, with the mean image on the devices."""
+) -> Callable[[dict[str, np.ndarray]], DeviceBatch]:
+    """Host batch -> global device batch, then ``finish_fn`` (a ``device_augment`` function,
+    jitted, with the mean image on the devices) where ``prep`` finishes on the device."""
+    if not prep.finish_on_device:
+        return lambda local: sharding.global_batch(mesh, local)
     mean = jax.device_put(np.asarray(prep.mean, np.float32), sharding.replicated(mesh))
     finish = jax.jit(
         functools.partial(
@@ -103,7 +99,7 @@ def _device_finisher(
         ),
         out_shardings=sharding.batch_sharding(mesh),
     )
-    return lambda batch: finish(batch, mean)
+    return lambda local: finish(sharding.global_batch(mesh, local), mean)
 
 
 @dataclasses.dataclass
@@ -138,11 +134,6 @@ def validation_input(
     """The validation input of ``config`` on ``mesh``, finished on the device where it runs."""
     shard_index, shard_count = sharding.process_data_shard(mesh)
     prep = preprocessing(config, dataset)
-    finish = None
-    if prep.finish_on_device:
-        finish = _device_finisher(
-            device_augment.finish_eval_batch, prep, mesh, crop_size=prep.crop_size
-        )
     iterator = pipeline.eval_iterator(
         dataset,
         batch_size=config.eval_batch_size,
@@ -156,9 +147,5 @@ def validation_input(
     count = pipeline.eval_batches_per_pass(
         dataset, split, config.eval_batch_size, shard_index, shard_count
     )
-
-    def to_device(local: dict[str, np.ndarray]) -> DeviceBatch:
-        batch = sharding.global_batch(mesh, local)
-        return finish(batch) if finish is not None else batch
-
+    to_device = _to_device(mesh, prep, device_augment.finish_eval_batch, crop_size=prep.crop_size)
     return ValidationInput(iterator, count, config.eval_batch_size // shard_count, to_device)

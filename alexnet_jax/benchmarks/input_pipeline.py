@@ -36,7 +36,6 @@ shuffle costs ~0.35 ms a record on a 100-record set and ~5 us on ImageNet's
 from __future__ import annotations
 
 import functools
-import json
 import os
 import statistics
 import sys
@@ -52,8 +51,8 @@ from absl import app, flags
 from ml_collections import config_flags
 from PIL import Image
 
-from alexnet_jax import allocator, cli, config_lib, feed, sharding, tuning
-from alexnet_jax.benchmarks import train_step
+from alexnet_jax import cli, config_lib, feed, sharding
+from alexnet_jax.benchmarks import command, train_step
 from alexnet_jax.data import augment, pipeline, prepare, records, writer
 
 DEFAULT_SAMPLES = os.path.join(
@@ -399,11 +398,7 @@ def main(argv: Sequence[str]) -> int:
 
 
 def _run(argv: Sequence[str]) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    config_lib.validate(FLAGS.config)
-    tuning.configure_process()  # As launch.py does, before JAX starts its backends.
-    allocator.use(tuning.host_allocator())  # May restart this command once.
+    command.start(argv, FLAGS.config)
     results = run(
         FLAGS.config,
         samples_dir=FLAGS.samples_dir or None,
@@ -415,9 +410,7 @@ def _run(argv: Sequence[str]) -> int:
         train_steps=FLAGS.train_steps,
         max_workers=FLAGS.max_workers,
     )
-    if FLAGS.json:
-        with open(FLAGS.json, "w") as f:
-            json.dump(results, f, indent=1)
+    command.finish(results, FLAGS.json)
     return cli.EXIT_OK
 
 

@@ -18,7 +18,6 @@ its equality test passing, belongs in ``tuning.KERNEL_OPTIONS_BY_BACKEND``.
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 from collections.abc import Sequence
@@ -28,8 +27,8 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from alexnet_jax import allocator, cli, config_lib, tuning
-from alexnet_jax.benchmarks import train_step
+from alexnet_jax import cli, config_lib, tuning
+from alexnet_jax.benchmarks import command, train_step
 
 
 def run(
@@ -115,21 +114,14 @@ def main(argv: Sequence[str]) -> int:
 
 
 def _run(argv: Sequence[str]) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    config_lib.validate(FLAGS.config)
-    tuning.configure_process()
-    allocator.use(tuning.host_allocator())  # May restart this command once.
+    command.start(argv, FLAGS.config)
     out = run(
         train_step.with_batch_size(FLAGS.config, FLAGS.batch_size),
         FLAGS.options,
         steps=FLAGS.steps,
         kernels=FLAGS.kernels,
     )
-    if FLAGS.json:
-        with open(FLAGS.json, "w") as f:
-            json.dump(out, f, indent=1)
-    sys.stdout.flush()
+    command.finish(out, FLAGS.json)
     return cli.EXIT_OK
 
 

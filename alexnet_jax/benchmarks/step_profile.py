@@ -22,7 +22,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import glob
-import json
 import os
 import re
 import sys
@@ -33,8 +32,8 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from alexnet_jax import allocator, cli, config_lib, diagnostics, tuning
-from alexnet_jax.benchmarks import train_step
+from alexnet_jax import cli, config_lib, diagnostics, tuning
+from alexnet_jax.benchmarks import command, train_step
 
 DEFAULT_START_STEP = 4  # When config.diagnostics.profile_start_step is 0 (off): after warm-up.
 # The compiled module's text: computation headers, instructions, their metadata and callees.
@@ -272,21 +271,14 @@ def main(argv: Sequence[str]) -> int:
 
 
 def _run(argv: Sequence[str]) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    config_lib.validate(FLAGS.config)
-    tuning.configure_process()
-    allocator.use(tuning.host_allocator())  # May restart this command once.
+    command.start(argv, FLAGS.config)
     out = run(
         train_step.with_batch_size(FLAGS.config, FLAGS.batch_size),
         FLAGS.workdir,
         top=FLAGS.top,
         kernel_options=FLAGS.kernel_options,
     )
-    if FLAGS.json:
-        with open(FLAGS.json, "w") as f:
-            json.dump(out, f, indent=1)
-    sys.stdout.flush()
+    command.finish(out, FLAGS.json)
     return cli.EXIT_OK
 
 

@@ -47,7 +47,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import json
 import os
 import platform
 import resource
@@ -63,7 +62,7 @@ from ml_collections import config_flags
 
 import configs
 from alexnet_jax import allocator, cli, config_lib, inference, tuning
-from alexnet_jax.benchmarks import torch_reference
+from alexnet_jax.benchmarks import command, torch_reference
 from alexnet_jax.flops import CHIP_PEAK_TFLOPS, chip_peak_tflops, forward_flops_per_image
 
 IMAGE_SIZE = 224
@@ -742,8 +741,6 @@ def main(argv: Sequence[str]) -> int:
 
 
 def _run(argv: Sequence[str]) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     try:
         frameworks = selected_frameworks(
             FLAGS.framework,
@@ -752,9 +749,7 @@ def _run(argv: Sequence[str]) -> int:
         )
     except ValueError as e:
         raise app.UsageError(str(e)) from None
-    config_lib.validate(FLAGS.config)
-    tuning.configure_process()  # As launch.py does, before JAX starts its backends.
-    allocator.use(tuning.host_allocator())  # May restart this command once.
+    command.start(argv, FLAGS.config)
     out = run(
         FLAGS.config,
         [int(b) for b in FLAGS.batch_sizes],
@@ -767,10 +762,7 @@ def _run(argv: Sequence[str]) -> int:
         peak_tflops=FLAGS.peak_tflops,
         kernel_options=FLAGS.kernel_options,
     )
-    if FLAGS.json:
-        with open(FLAGS.json, "w") as f:
-            json.dump(out, f, indent=1, default=str)
-    sys.stdout.flush()
+    command.finish(out, FLAGS.json)
     return cli.EXIT_OK
 
 
