@@ -13,6 +13,9 @@ EXIT_OK = 0
 EXIT_PARTIAL = 1  # Finished, but some inputs were reported (e.g. unreadable images).
 EXIT_USAGE = 2  # A user or environment mistake: a flag, a config field, a path.
 EXIT_NO_CHECKPOINT = 3  # The workdir holds no checkpoint that can be restored.
+# Stopped by a fault outside the run's own code (a killed input worker): relaunch to continue.
+# 75 is sysexits' EX_TEMPFAIL, "a temporary failure; the user is invited to retry".
+EXIT_RELAUNCH = 75
 
 
 class UserError(Exception):
@@ -37,3 +40,17 @@ class NoCheckpointError(UserError):
     """The workdir holds no checkpoint that can be restored."""
 
     exit_code = EXIT_NO_CHECKPOINT
+
+
+class InputWorkerError(UserError):
+    """An input worker process ended without being asked to (killed: the OOM killer, say).
+
+    The batch it was building was never handed out, so the iterator's position
+    is still that batch: saving then resuming loses nothing.
+    """
+
+    exit_code = EXIT_RELAUNCH
+
+    def __init__(self, message: str, *, worker: int, exitcode: int | None):
+        super().__init__(message)
+        self.worker, self.exitcode = worker, exitcode
