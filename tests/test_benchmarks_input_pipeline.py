@@ -32,12 +32,22 @@ def test_input_pipeline_benchmark_command_prints_its_fields():
     env = {**os.environ, "ALEXNET_JAX_HOST_ALLOCATOR": "system"}  # No restart: a quicker test.
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    numbers = {}
+    numbers, cpu = {}, []  # cpu: (label, us) in order; rows under a worker count repeat.
     for line in result.stdout.splitlines():
-        match = re.match(r"\s+(.+):\s+([\d.]+) (images/s|x)$", line)
-        if match:
+        match = re.match(r"\s+(.+):\s+([\d.]+) (images/s|x|us)$", line)
+        if match and match.group(3) == "us":
+            cpu.append((match.group(1).strip(), float(match.group(2))))
+        elif match and "/ floor" not in line:
             numbers[match.group(1).strip()] = float(match.group(2))
     assert all(v > 0 for v in numbers.values()), result.stdout
+    # The floor's CPU an image, then for each of in-process, 1 and 2 workers: all, main.
+    floor, *per_count = cpu
+    assert floor[0] == "host CPU per image" and floor[1] > 0
+    assert [label for label, _ in per_count] == 3 * [
+        "host CPU per image, all processes",
+        "host CPU per image, main process",
+    ]
+    assert all(all_ >= main for (_, all_), (_, main) in zip(per_count[::2], per_count[1::2]))
     # Host input in-process (the config's -1 is none on CPU), with 1 and 2 workers.
     inproc = numbers["host input, in-process (the config's: data.num_workers = -1)"]
     one, two = numbers["host input, 1 worker process"], numbers["host input, 2 worker processes"]

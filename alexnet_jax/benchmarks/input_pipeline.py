@@ -237,7 +237,51 @@ def _source_images(tmp: str, samples_dir: str | None, synthetic_images: int) -> 
     return source, f"{synthetic_images} synthetic JPEGs (no samples directory)"
 
 
-def host_input_rate(
+def cpu_seconds() -> tuple[float, float] | None:
+    """CPU seconds (user + system) of this process and all its descendants, and of this
+    process alone, from Linux's /proc; None elsewhere."""
+    if not os.path.isdir("/proc/self/task"):
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    parents, used = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:  # Gone meanwhile.
+            continue
+        parents[int(entry)] = int(fields[1])
+        used[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    tree, frontier = {os.getpid()}, [os.getpid()]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent]
+        tree.update(children)
+        frontier += children
+    return sum(used.get(pid, 0.0) for pid in tree), used.get(os.getpid(), 0.0)
+
+
+def _costs(next_batch: Callable[[], object], batch_size: int, num_batches: int) -> dict:
+    """Images/s, and host CPU microseconds an image (all processes; the main one), of a round."""
+    cpu, start = cpu_seconds(), time.perf_counter()
+    for _ in range(num_batches):
+        next_batch()
+    wall, after = time.perf_counter() - start, cpu_seconds()
+    images = batch_size * num_batches
+    out = {"images_per_sec": images / wall}
+    if cpu and after:
+        out["cpu_us_per_image"] = (after[0] - cpu[0]) / images * 1e6
+        out["main_cpu_us_per_image"] = (after[1] - cpu[1]) / images * 1e6
+    return out
+
+
+def _medians(rounds: list[dict]) -> dict:
+    return {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+
+
+def host_input_costs(
     config: ml_collections.ConfigDict,
     dataset: pipeline.Dataset,
     mesh: Any,
@@ -245,16 +289,39 @@ def host_input_rate(
     *,
     rounds: int,
     batches_per_round: int,
-) -> tuple[float, list[float], feed.TrainInput]:
-    """Median images/s of the training input's host batches with ``num_workers``."""
+) -> dict:
+    """Medians over rounds of the training input's host batches with ``num_workers``: images/s
+    and host CPU an image. Each batch is dropped at once, as the loop drops it."""
     config = config.copy_and_resolve_references()
     config.data.num_workers = num_workers
     train_input = feed.train_input(config, dataset, mesh)
-    for _ in range(WARMUP_BATCHES):
-        next(train_input.iterator)
-    next_batch = functools.partial(next, train_input.iterator)
-    rates = [_rate(next_batch, config.batch_size, batches_per_round) for _ in range(rounds)]
-    return statistics.median(rates), rates, train_input
+    try:
+        for _ in range(WARMUP_BATCHES):
+            next(train_input.iterator)
+        next_batch = functools.partial(next, train_input.iterator)
+        return _medians(
+            [_costs(next_batch, config.batch_size, batches_per_round) for _ in range(rounds)]
+        )
+    finally:
+        train_input.close()
+
+
+def decode_floor(
+    dataset: pipeline.Dataset, prep: pipeline.Preprocessing, seed: int, num_images: int
+) -> dict:
+    """The least a training image can cost the host: one thread reads its record, decodes it
+    and cuts its uint8 patch and draws (into one reused array), nothing else."""
+    source = pipeline.shuffled_records(dataset, seed)
+    patch = np.empty((prep.crop_size, prep.crop_size, 3), np.uint8)
+    pca = {"eigenvalues": prep.eigenvalues, "eigenvectors": prep.eigenvectors}
+    start_cpu, start = time.thread_time(), time.perf_counter()
+    for position in range(num_images):
+        pixels, _ = pipeline.decode_record(source[position])
+        rng = pipeline.record_rng(seed, position)
+        d = augment.train_draws(rng, *pixels.shape[:2], crop_size=prep.crop_size, **pca)
+        patch[...] = augment.crop(pixels, d.top, d.left, prep.crop_size)
+    wall, cpu = time.perf_counter() - start, time.thread_time() - start_cpu
+    return {"images_per_sec": num_images / wall, "cpu_us_per_image": cpu / num_images * 1e6}
 
 
 def run(
@@ -298,13 +365,12 @@ def run(
             else f"augmented on the host ({data.dtype})"
         )
 
+        floor = decode_floor(dataset, prep, config.seed, 2 * batch_size * batches_per_round)
         per_workers = {}
         for workers in sorted({*worker_counts(cores, max_workers), configured}):
-            rate, _, train_input = host_input_rate(
+            per_workers[workers] = host_input_costs(
                 config, dataset, mesh, workers, rounds=rounds, batches_per_round=batches_per_round
             )
-            train_input.close()
-            per_workers[workers] = rate
         # Timed alone: a pipeline timed in turns with it would fill its buffers meanwhile.
         loader = FullSizeLoader(files, dataset.mean_image(), data.num_threads)
         loader.batch(batch_size)
@@ -323,15 +389,31 @@ def run(
         val_rate = validation_rate(config, dataset, step)
         del step
 
-    one = per_workers.get(1)
+    one = per_workers.get(1, {}).get("images_per_sec")
+    rows.append(
+        (
+            "floor: one thread decodes, cuts the uint8 patch + draws",
+            floor["images_per_sec"],
+            "images/s",
+        )
+    )
+    rows.append(("  host CPU per image", floor["cpu_us_per_image"], "us"))
     for workers in sorted(per_workers):
         label = "in-process" if workers == 0 else f"{workers} worker process" + "es" * (workers > 1)
         if workers == configured:
             label += f" (the config's: data.num_workers = {data.num_workers})"
-        rows.append((f"host input, {label}", per_workers[workers], "images/s"))
+        costs = per_workers[workers]
+        rows.append((f"host input, {label}", costs["images_per_sec"], "images/s"))
         if one and workers > 1:
-            rows.append((f"  {workers} workers / 1 worker", per_workers[workers] / one, "x"))
-    pipeline_rate = per_workers[configured]
+            rows.append((f"  {workers} workers / 1 worker", costs["images_per_sec"] / one, "x"))
+        if "cpu_us_per_image" in costs:
+            rows.append(("  host CPU per image, all processes", costs["cpu_us_per_image"], "us"))
+            rows.append(
+                ("  host CPU per image, main process", costs["main_cpu_us_per_image"], "us")
+            )
+            ratio = costs["cpu_us_per_image"] / floor["cpu_us_per_image"]
+            rows.append(("  host CPU per image / floor", ratio, "x"))
+    pipeline_rate = per_workers[configured]["images_per_sec"]
     m = config.model
     network = f"width {m.width:g}, {m.compute_dtype}, batch {batch_size}"
     rows += [
@@ -345,7 +427,9 @@ def run(
     ]
     results.update(
         {
-            "images_per_sec_by_workers": per_workers,
+            "images_per_sec_by_workers": {w: c["images_per_sec"] for w, c in per_workers.items()},
+            "host_costs_by_workers": per_workers,
+            "decode_floor": floor,
             "images_per_sec_per_worker": one,
             "configured_workers": configured,
             "pipeline_images_per_sec": pipeline_rate,

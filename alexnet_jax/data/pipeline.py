@@ -26,11 +26,11 @@ import grain
 import ml_collections
 import numpy as np
 import simplejpeg
-from absl import flags, logging
+from absl import logging
 from PIL import Image
 
 from alexnet_jax import errors
-from alexnet_jax.data import augment, records, sources, writer
+from alexnet_jax.data import augment, records, sources, workers, writer
 
 CROP_SIZE = augment.CROP_SIZE
 MEAN_SUBTRACTION_MODES = ("image", "channel")
@@ -293,18 +293,6 @@ class Preprocessing:
         )
 
 
-def _allocate_shared(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-    """An array in shared memory that grain's workers hand to the main process uncopied.
-
-    Falls back to an ordinary array (grain then copies it) where grain lacks the class.
-    """
-    try:
-        from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
-    except ImportError:
-        return np.empty(shape, dtype)
-    return SharedMemoryArray(shape, dtype)
-
-
 def record_rng(seed: int, position: int) -> np.random.Generator:
     """The random generator of the record at ``position`` of the global training order.
 
@@ -325,37 +313,52 @@ class TrainTransform:
     preprocessing: Preprocessing
     seed: int
 
+    def layout(self, n: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Each field's shape and dtype in a batch of ``n``."""
+        p = self.preprocessing
+        size = p.crop_size
+        if not p.finish_on_device:
+            images = ((n, size, size, 3), numpy_dtype(p.dtype))
+            return {"images": images, "labels": ((n,), np.dtype(np.int32))}
+        return {
+            "images": ((n, size, size, 3), np.dtype(np.uint8)),
+            "labels": ((n,), np.dtype(np.int32)),
+            "crop_top": ((n,), np.dtype(np.int32)),
+            "crop_left": ((n,), np.dtype(np.int32)),
+            "mirror": ((n,), np.dtype(np.bool_)),
+            "colour_offset": ((n, 3), np.dtype(np.float32)),
+        }
+
     def batch(
-        self, records: Sequence[Any], positions: Sequence[int], allocate: Any = np.empty
+        self,
+        records: Sequence[Any],
+        positions: Sequence[int],
+        out: dict[str, np.ndarray] | None = None,
     ) -> dict[str, np.ndarray]:
+        """The batch of ``records``, written into ``out``'s first rows (new arrays if None)."""
         p = self.preprocessing
         n, size = len(records), p.crop_size
+        out = _rows(out, n) if out is not None else _allocate(self.layout(n))
         pca = {"eigenvalues": p.eigenvalues, "eigenvectors": p.eigenvectors, "pca_std": p.pca_std}
-        labels = np.empty(n, np.int32)
-        if not p.finish_on_device:
-            images = allocate((n, size, size, 3), numpy_dtype(p.dtype))
-            for i, (record, position) in enumerate(zip(records, positions, strict=True)):
-                pixels, labels[i] = decode_record(record)
-                rng = record_rng(self.seed, position)
-                images[i] = augment.train_augment(pixels, rng, **pca, **p.crop_options())
-            return {"images": images, "labels": labels}
-        out = {
-            "images": allocate((n, size, size, 3), np.uint8),
-            "labels": labels,
-            "crop_top": np.empty(n, np.int32),
-            "crop_left": np.empty(n, np.int32),
-            "mirror": np.empty(n, np.bool_),
-            "colour_offset": np.zeros((n, 3), np.float32),
-        }
         for i, (record, position) in enumerate(zip(records, positions, strict=True)):
-            pixels, labels[i] = decode_record(record)
-            h, w = pixels.shape[:2]
-            d = augment.train_draws(record_rng(self.seed, position), h, w, crop_size=size, **pca)
+            pixels, out["labels"][i] = decode_record(record)
+            rng = record_rng(self.seed, position)
+            if not p.finish_on_device:
+                out["images"][i] = augment.train_augment(pixels, rng, **pca, **p.crop_options())
+                continue
+            d = augment.train_draws(rng, *pixels.shape[:2], crop_size=size, **pca)
             out["images"][i] = augment.crop(pixels, d.top, d.left, size)
             out["crop_top"][i], out["crop_left"][i], out["mirror"][i] = d.top, d.left, d.mirror
-            if d.colour_offset is not None:
-                out["colour_offset"][i] = d.colour_offset
+            out["colour_offset"][i] = 0.0 if d.colour_offset is None else d.colour_offset
         return out
+
+
+def _allocate(layout: dict[str, tuple[tuple[int, ...], np.dtype]]) -> dict[str, np.ndarray]:
+    return {name: np.empty(shape, dtype) for name, (shape, dtype) in layout.items()}
+
+
+def _rows(out: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    return {name: array[:n] for name, array in out.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -386,23 +389,37 @@ class EvalTransform(grain.transforms.Map):
         views = augment.eval_views(pixels, ten_crop=self.ten_crop, **p.crop_options())
         return views if self.ten_crop else views[0]
 
+    def layout(self, n: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Each field's shape and dtype in a batch of ``n`` (prepared, 256 x 256, records)."""
+        p = self.preprocessing
+        if p.finish_on_device:
+            size = writer.PREPARED_SIZE if self.ten_crop else p.crop_size
+            images = ((n, size, size, 3), np.dtype(np.uint8))
+        else:
+            views = (10,) if self.ten_crop else ()
+            images = ((n, *views, p.crop_size, p.crop_size, 3), numpy_dtype(p.dtype))
+        return {"images": images, "labels": ((n,), np.dtype(np.int32))}
+
     def batch(
-        self, records: Sequence[Any], positions: Sequence[int], allocate: Any = np.empty
+        self,
+        records: Sequence[Any],
+        positions: Sequence[int],
+        out: dict[str, np.ndarray] | None = None,
     ) -> dict[str, np.ndarray]:
+        """The views of ``records``, written into ``out``'s first rows (new arrays if None)."""
         del positions  # Evaluation draws nothing.
-        decoded = [decode_record(record) for record in records]
-        first = self._views(decoded[0][0])
-        images = allocate((len(records), *first.shape), first.dtype)
-        for i, (pixels, _) in enumerate(decoded):
-            views = first if i == 0 else self._views(pixels)
-            if views.shape != first.shape:
+        n = len(records)
+        out = _rows(out, n) if out is not None else _allocate(self.layout(n))
+        for i, record in enumerate(records):
+            pixels, out["labels"][i] = decode_record(record)
+            views = self._views(pixels)
+            if views.shape != out["images"].shape[1:]:
                 raise ValueError(
-                    f"record {i} of an evaluation batch decodes to {pixels.shape[:2]} pixels, "
-                    f"unlike the batch's first; prepared images are all "
-                    f"{writer.PREPARED_SIZE}x{writer.PREPARED_SIZE}"
+                    f"record {i} of an evaluation batch decodes to {pixels.shape[:2]} pixels; "
+                    f"prepared images are all {writer.PREPARED_SIZE}x{writer.PREPARED_SIZE}"
                 )
-            images[i] = views
-        return {"images": images, "labels": np.array([label for _, label in decoded], np.int32)}
+            out["images"][i] = views
+        return out
 
 
 class _Batches(grain.MapDataset):
@@ -410,11 +427,11 @@ class _Batches(grain.MapDataset):
 
     Whole batches are the unit of work (and, with worker processes, of transfer),
     so grain handles one item per batch rather than one per image, and each
-    image is written straight into the batch's arrays (in shared memory, with
-    ``shared_memory``, so a worker's batch reaches the main process uncopied).
-    With ``process_count`` processes of a global batch of ``B``, process ``i`` takes the records at
-    ``k * B + i * b ... k * B + (i + 1) * b - 1`` (``b = B / process_count``): the
-    processes' batches concatenated in process order are the one-process batch.
+    image is written straight into the batch's arrays (``write``: a worker
+    process's shared-memory slot). With ``process_count`` processes of a global
+    batch of ``B``, process ``i`` takes the records at ``k * B + i * b ... k * B +
+    (i + 1) * b - 1`` (``b = B / process_count``): the processes' batches
+    concatenated in process order are the one-process batch.
     """
 
     def __init__(
@@ -426,11 +443,9 @@ class _Batches(grain.MapDataset):
         local_batch: int,
         offset: int,
         drop_remainder: bool,
-        shared_memory: bool = False,
     ):
         super().__init__(records)
         self._transform = transform
-        self._allocate = _allocate_shared if shared_memory else np.empty
         self._global_batch, self._local_batch, self._offset = global_batch, local_batch, offset
         self._drop_remainder = drop_remainder
 
@@ -443,11 +458,20 @@ class _Batches(grain.MapDataset):
     def __getitem__(self, k):
         if isinstance(k, slice):
             return self.slice(k)
+        return self.write(k, None)
+
+    def layout(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """A full batch's fields: their shapes and dtypes."""
+        return self._transform.layout(self._local_batch)
+
+    def write(self, k: int, out: dict[str, np.ndarray] | None) -> Any:
+        """Batch ``k`` written into ``out`` (returns its row count), or new arrays (returned)."""
         k %= len(self)  # As grain's own datasets do: ``repeat`` passes indices on as they are.
         records = self._parents[0]
         start = k * self._global_batch + self._offset
         positions = range(start, min(start + self._local_batch, len(records)))
-        return self._transform.batch([records[i] for i in positions], positions, self._allocate)
+        batch = self._transform.batch([records[i] for i in positions], positions, out)
+        return batch if out is None else len(positions)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -473,10 +497,16 @@ class BatchIterator:
     with the same batches on a host with another number of cores. grain's
     checkpoint handler saves ``get_state()``'s bytes as they are and calls
     ``start_prefetch`` after ``set_state``.
+
+    A batch is the caller's: it stays valid however long the caller keeps it.
+    With worker processes its arrays are views of a shared-memory slot that
+    goes back to its worker once the last of them is dropped
+    (``workers.WorkerPool``); on the CPU backend a JAX array made from them
+    may share their memory, and keeps the slot until it is gone too.
     """
 
-    def __init__(self, batches: grain.MapDataset, local_batch: int, loading: Loading):
-        self._batches, self._local_batch, self._loading = batches, local_batch, loading
+    def __init__(self, batches: _Batches, loading: Loading, *, endless: bool = False):
+        self._batches, self._loading, self._endless = batches, loading, endless
         self._next_batch = 0
         self._iterator: Any = None
 
@@ -507,8 +537,11 @@ class BatchIterator:
     def start_prefetch(self) -> None:
         """Starts reading (and the worker processes) from the next batch on."""
         if self._iterator is None:
-            remaining = self._batches[self._next_batch :]
-            self._iterator = _read(remaining, self._local_batch, self._loading)
+            self._iterator = _read(self._batches, self._next_batch, self._endless, self._loading)
+
+    def slot_owners(self) -> list[dict[int, str]]:
+        """With worker processes, who holds each batch slot (``WorkerPool.slot_owners``)."""
+        return self._iterator.slot_owners() if hasattr(self._iterator, "slot_owners") else []
 
     def close(self) -> None:
         """Stops the worker processes, if any; iterating again restarts them."""
@@ -521,26 +554,29 @@ class IteratorStateError(errors.UsageError, ValueError):
     """A checkpoint's data iterator state that this version cannot continue."""
 
 
+def batches_ahead(loading: Loading, local_batch: int) -> int:
+    """Batches each worker process (or the threads) builds ahead of the consumer."""
+    return -(-loading.prefetch // local_batch) if loading.prefetch > 0 else 2
+
+
 def _read(
-    batches: grain.MapDataset, local_batch: int, loading: Loading
+    batches: _Batches, first: int, endless: bool, loading: Loading
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Threads (and worker processes) building whole batches ahead of the consumer."""
-    ahead = -(-loading.prefetch // local_batch) if loading.prefetch > 0 else 2
-    if loading.num_workers == 0:
-        threads = loading.num_threads
-        read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(ahead, threads))
-        return iter(batches.to_iter_dataset(read))
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags (defaults suffice).
-    # Each worker builds its batches one at a time straight into shared memory, ``ahead``
-    # of them queued (threads inside a worker would hold batches that no one unlinks at
-    # close). Worker w builds batches w, w + num_workers, ...; they are read back in turn,
-    # so the order is the same for any number of workers.
-    serial = batches.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-    options = grain.MultiprocessingOptions(
-        num_workers=loading.num_workers, per_worker_buffer_size=ahead
-    )
-    return iter(serial.mp_prefetch(options))
+    """Batches ``first, first + 1, ...``: from worker processes, or threads in this process."""
+    ahead = batches_ahead(loading, batches._local_batch)
+    if loading.num_workers > 0:
+        # One more slot than the batches ahead: the one the consumer holds.
+        return workers.WorkerPool(
+            batches,
+            first,
+            None if endless else len(batches),
+            num_workers=loading.num_workers,
+            slots_per_worker=ahead + 1,
+        )
+    remaining = (batches.repeat() if endless else batches)[first:]
+    threads = loading.num_threads
+    read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(ahead, threads))
+    return iter(remaining.to_iter_dataset(read))
 
 
 def shuffled_records(dataset: Dataset, seed: int) -> grain.MapDataset:
@@ -575,9 +611,8 @@ def train_iterator(
         local_batch=local_batch,
         offset=process_index * local_batch,
         drop_remainder=True,
-        shared_memory=loading.num_workers > 0,
     )
-    return BatchIterator(batches, local_batch, loading)
+    return BatchIterator(batches, loading)
 
 
 def eval_iterator(
@@ -610,12 +645,11 @@ def eval_iterator(
         local_batch=local_batch,
         offset=0,
         drop_remainder=False,
-        shared_memory=loading.num_workers > 0,
     )
     if ten_crop and loading.prefetch == 0 and not preprocessing.finish_on_device:
         # Ten float crops an image: two batches ahead of at most 64 images.
         loading = dataclasses.replace(loading, prefetch=min(2 * local_batch, 64))
-    return BatchIterator(batches.repeat() if endless else batches, local_batch, loading)
+    return BatchIterator(batches, loading, endless=endless)
 
 
 def eval_batches_per_pass(
