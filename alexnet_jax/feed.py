@@ -148,4 +148,7 @@ def validation_input(
         dataset, split, config.eval_batch_size, shard_index, shard_count
     )
     to_device = _to_device(mesh, prep, device_augment.finish_eval_batch, crop_size=prep.crop_size)
+    # Its worker processes start now: a shared memory too small for their slots stops the
+    # run before its first step, not at its first evaluation.
+    iterator.start_prefetch()
     return ValidationInput(iterator, count, config.eval_batch_size // shard_count, to_device)

@@ -47,7 +47,9 @@ def test_input_pipeline_benchmark_command_prints_its_fields():
         "host CPU per image, all processes",
         "host CPU per image, main process",
     ]
-    assert all(all_ >= main for (_, all_), (_, main) in zip(per_count[::2], per_count[1::2]))
+    assert all(
+        all_ >= main for (_, all_), (_, main) in zip(per_count[::2], per_count[1::2], strict=True)
+    )
     # Host input in-process (the config's -1 is none on CPU), with 1 and 2 workers.
     inproc = numbers["host input, in-process (the config's: data.num_workers = -1)"]
     one, two = numbers["host input, 1 worker process"], numbers["host input, 2 worker processes"]

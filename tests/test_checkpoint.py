@@ -14,6 +14,7 @@ same batches, so B ends bitwise equal to A.
   C   learning rate 1e30: the loss becomes NaN       }
 """
 
+import glob
 import json
 import os
 import pathlib
@@ -33,6 +34,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from alexnet_jax import checkpoint, train
+from alexnet_jax.data import workers
 from tests.conftest import ROOT, tiny_config, tiny_launch_flags
 
 TOTAL_STEPS = 20
@@ -299,6 +301,7 @@ def runs(tiny_demo_dir, tmp_path_factory):
     )
     out["killed_after"] = _signal_after(b1, interrupted, 5, signal.SIGKILL)
     out["b1"] = _finish(b1)
+    out["worker_runs"] = [b1.pid]
 
     rows_before_b2 = _num_rows(interrupted)
     b2 = _start(
@@ -315,6 +318,7 @@ def runs(tiny_demo_dir, tmp_path_factory):
     out["b2_resumed"] = resumed
     _signal_after(b2, interrupted, resumed + 2, signal.SIGTERM, skip_rows=rows_before_b2)
     out["b2"] = _finish(b2)
+    out["worker_runs"].append(b2.pid)
 
     b3 = _start(
         _overrides(tiny_demo_dir, interrupted, keep_checkpoints=2, num_epochs=50),  # Safe changes.
@@ -343,6 +347,15 @@ def test_sigterm_saves_at_the_next_step_and_exits_zero(runs):
     assert runs["b2_resumed"] + 2 <= stopped < TOTAL_STEPS
     # The relaunch continued from exactly that checkpoint.
     assert f"Resumed from the checkpoint at step {stopped} " in runs["b3"][1]
+
+
+def test_runs_with_input_workers_leave_no_shared_memory_killed_or_stopped(runs):
+    """B1 (2 workers) was SIGKILLed, B2 (1 worker) stopped by SIGTERM: neither leaves a batch
+    slot file behind (B1's is removed by multiprocessing's resource tracker), and B2 reports no
+    leaked shared memory."""
+    assert "leaked" not in runs["b2"][1], runs["b2"][1][-3000:]
+    for pid in runs["worker_runs"]:
+        assert not glob.glob(os.path.join(workers.SHM_DIR, f"alexnet_jax_{pid}_*"))
 
 
 def test_sigkill_then_relaunch_is_bitwise_identical_to_an_uninterrupted_run(runs):

@@ -202,6 +202,7 @@ def test_a_container_sized_dev_shm_stops_launch_before_the_first_step(tiny_demo_
     assert result.returncode == errors.EXIT_USAGE, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    # The demo's batches are float32 on CPU: 3 slots of 9.2 MB a worker.
-    assert "need 55 MB of shared memory" in lines[0] and "/dev/shm has 8 MB free" in lines[0]
+    # The validation input starts first; on CPU its batches of 20 are float32.
+    assert lines[0].startswith("error: The validation input's 2 worker processes need 69 MB")
+    assert "/dev/shm has 8 MB free" in lines[0]
     assert not (tmp_path / "run" / "checkpoints").exists()

@@ -295,8 +295,10 @@ def host_input_costs(
     config = config.copy_and_resolve_references()
     config.data.num_workers = num_workers
     train_input = feed.train_input(config, dataset, mesh)
+    # Past the start and the batches the workers built ahead, so every round is steady state.
+    ahead = num_workers * (pipeline.batches_ahead(train_input.loading, config.batch_size) + 1)
     try:
-        for _ in range(WARMUP_BATCHES):
+        for _ in range(WARMUP_BATCHES + ahead):
             next(train_input.iterator)
         next_batch = functools.partial(next, train_input.iterator)
         return _medians(

@@ -505,8 +505,10 @@ class BatchIterator:
     may share their memory, and keeps the slot until it is gone too.
     """
 
-    def __init__(self, batches: _Batches, loading: Loading, *, endless: bool = False):
-        self._batches, self._loading, self._endless = batches, loading, endless
+    def __init__(
+        self, batches: _Batches, loading: Loading, *, endless: bool = False, what: str = "input"
+    ):
+        self._batches, self._loading, self._endless, self._what = batches, loading, endless, what
         self._next_batch = 0
         self._iterator: Any = None
 
@@ -537,7 +539,7 @@ class BatchIterator:
     def start_prefetch(self) -> None:
         """Starts reading (and the worker processes) from the next batch on."""
         if self._iterator is None:
-            self._iterator = _read(self._batches, self._next_batch, self._endless, self._loading)
+            self._iterator = _read(self, self._next_batch)
 
     def slot_owners(self) -> list[dict[int, str]]:
         """With worker processes, who holds each batch slot (``WorkerPool.slot_owners``)."""
@@ -559,10 +561,9 @@ def batches_ahead(loading: Loading, local_batch: int) -> int:
     return -(-loading.prefetch // local_batch) if loading.prefetch > 0 else 2
 
 
-def _read(
-    batches: _Batches, first: int, endless: bool, loading: Loading
-) -> Iterator[dict[str, np.ndarray]]:
-    """Batches ``first, first + 1, ...``: from worker processes, or threads in this process."""
+def _read(iterator: BatchIterator, first: int) -> Iterator[dict[str, np.ndarray]]:
+    """``iterator``'s batches from ``first`` on: from worker processes, or threads in this one."""
+    batches, loading, endless = iterator._batches, iterator._loading, iterator._endless
     ahead = batches_ahead(loading, batches._local_batch)
     if loading.num_workers > 0:
         # One more slot than the batches ahead: the one the consumer holds.
@@ -572,6 +573,7 @@ def _read(
             None if endless else len(batches),
             num_workers=loading.num_workers,
             slots_per_worker=ahead + 1,
+            what=iterator._what,
         )
     remaining = (batches.repeat() if endless else batches)[first:]
     threads = loading.num_threads
@@ -612,7 +614,7 @@ def train_iterator(
         offset=process_index * local_batch,
         drop_remainder=True,
     )
-    return BatchIterator(batches, loading)
+    return BatchIterator(batches, loading, what="training input")
 
 
 def eval_iterator(
@@ -649,7 +651,8 @@ def eval_iterator(
     if ten_crop and loading.prefetch == 0 and not preprocessing.finish_on_device:
         # Ten float crops an image: two batches ahead of at most 64 images.
         loading = dataclasses.replace(loading, prefetch=min(2 * local_batch, 64))
-    return BatchIterator(batches, loading, endless=endless)
+    what = "validation input" if endless else "evaluation input"
+    return BatchIterator(batches, loading, endless=endless, what=what)
 
 
 def eval_batches_per_pass(

@@ -97,14 +97,16 @@ def _megabytes(n: int) -> str:
     return f"{n / 2**20:,.0f} MB" if n >= 2**20 else f"{n:,} B"
 
 
-def check_room(need: int, per_worker: int, workers: int, free: int, directory: str) -> None:
+def check_room(
+    need: int, per_worker: int, workers: int, free: int, directory: str, what: str = "input"
+) -> None:
     """Fails with the fixes when ``need`` bytes of slots exceed ``free`` bytes of ``directory``."""
     if need <= free:
         return
     fits = free // per_worker
     fewer = f"data.num_workers={fits} (fits), " if 0 < fits < workers else ""
     raise SharedMemoryTooSmallError(
-        f"The input's {workers} worker processes need {_megabytes(need)} of shared memory "
+        f"The {what}'s {workers} worker processes need {_megabytes(need)} of shared memory "
         f"({_megabytes(per_worker)} each: their batch slots) but {directory} has "
         f"{_megabytes(free)} free. Give the container more (docker run --shm-size=<size>, or "
         f"--ipc=host; Kubernetes: an emptyDir with medium Memory on /dev/shm), or set "
@@ -198,7 +200,8 @@ class WorkerPool:
     ``next()`` raises ``errors.InputWorkerError`` for a worker that died (the
     batch it owed was never handed out, so the position is still that batch),
     the worker's own exception for one that failed, and StopIteration after
-    ``stop``. ``free_bytes`` reads a directory's free space (tests stand in).
+    ``stop``. ``what`` names the input in messages ("training input"); ``free_bytes``
+    reads a directory's free space (tests stand in).
     """
 
     def __init__(
@@ -209,6 +212,7 @@ class WorkerPool:
         *,
         num_workers: int,
         slots_per_worker: int,
+        what: str = "input",
         shm_dir: str = SHM_DIR,
         free_bytes: Any = free_bytes,
     ):
@@ -216,9 +220,8 @@ class WorkerPool:
         self._size, self._slots = slot_nbytes(self._layout), slots_per_worker
         per_worker = self._size * slots_per_worker
         if os.path.isdir(shm_dir):
-            check_room(
-                per_worker * num_workers, per_worker, num_workers, free_bytes(shm_dir), shm_dir
-            )
+            free = free_bytes(shm_dir)
+            check_room(per_worker * num_workers, per_worker, num_workers, free, shm_dir, what)
         self._segment = _Segment(per_worker * num_workers, shm_dir)
         self._start, self._stop, self._next = start, stop, start
         self._leased: list[set[int]] = [set() for _ in range(num_workers)]
