@@ -16,8 +16,10 @@ caller keep so many that a worker would be left without a slot, the next
 batches from that worker are handed out as copies instead, so the pool never
 waits on its consumer.
 
-Worker w builds batches ``start + w``, ``start + w + num_workers``, ...: the
-batches, and their order, do not depend on the number of workers.
+Worker w builds batches ``start + w``, ``start + w + num_workers``, ... with its
+``writer`` (``layout()``: a full batch's fields; ``write(k, out)``: batch ``k``
+into ``out``'s arrays, returning its rows), so the batches and their order do
+not depend on the number of workers.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import signal
 import traceback
 import weakref
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -46,14 +48,6 @@ ALIGNMENT = 64  # Bytes: each field of a slot starts on a cache line.
 JOIN_SECONDS = 5.0  # What a worker gets to finish its batch at close before it is killed.
 
 Layout = Mapping[str, tuple[tuple[int, ...], np.dtype]]  # field -> (full-batch shape, dtype)
-
-
-class BatchWriter(Protocol):
-    """What a pool runs: the layout of a full batch, and batch ``k`` written into given arrays."""
-
-    def layout(self) -> Layout: ...
-
-    def write(self, k: int, out: dict[str, np.ndarray]) -> int: ...  # Returns the rows written.
 
 
 class SharedMemoryTooSmallError(errors.UsageError, OSError):
@@ -97,6 +91,14 @@ def _megabytes(n: int) -> str:
     return f"{n / 2**20:,.0f} MB" if n >= 2**20 else f"{n:,} B"
 
 
+def _fixes(fewer: str = "") -> str:
+    return (
+        "Give the container more (docker run --shm-size=<size>, or --ipc=host; Kubernetes: an "
+        f"emptyDir of medium Memory on /dev/shm), or set {fewer}data.prefetch=1 (one batch "
+        "ahead), a smaller batch_size, or data.num_workers=0 (in-process)"
+    )
+
+
 def check_room(
     need: int, per_worker: int, workers: int, free: int, directory: str, what: str = "input"
 ) -> None:
@@ -108,9 +110,7 @@ def check_room(
     raise SharedMemoryTooSmallError(
         f"The {what}'s {workers} worker processes need {_megabytes(need)} of shared memory "
         f"({_megabytes(per_worker)} each: their batch slots) but {directory} has "
-        f"{_megabytes(free)} free. Give the container more (docker run --shm-size=<size>, or "
-        f"--ipc=host; Kubernetes: an emptyDir with medium Memory on /dev/shm), or set "
-        f"{fewer}a smaller data.prefetch or batch_size, or data.num_workers=0 (in-process)"
+        f"{_megabytes(free)} free. " + _fixes(fewer)
     )
 
 
@@ -140,7 +140,7 @@ class _Segment:
                 self.unlink()
                 raise SharedMemoryTooSmallError(
                     f"Reserving {_megabytes(nbytes)} for the input's batch slots in {directory} "
-                    f"failed ({e.strerror}): see the fixes above, or free space there"
+                    f"failed ({e.strerror}). " + _fixes()
                 ) from None
         finally:
             os.close(fd)
@@ -166,7 +166,7 @@ def _register_for_crash_cleanup(path: str, unregister: bool = False) -> None:
     )
 
 
-def _work(writer: BatchWriter, batches: range, path: str, slots: range, size: int, free, ready):
+def _work(writer: Any, batches: range, path: str, slots: range, size: int, free, ready):
     """A worker: for each of its batches, take a free slot, fill it, say which."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # The main process decides when workers stop.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -206,7 +206,7 @@ class WorkerPool:
 
     def __init__(
         self,
-        writer: BatchWriter,
+        writer: Any,
         start: int,
         stop: int | None,
         *,
@@ -337,6 +337,6 @@ def _death(worker: int, exitcode: int | None, batch: int) -> str:
     if exitcode is not None and exitcode < 0:
         name = signal.Signals(-exitcode).name
         how = f"signal {name}" + (
-            " (the out-of-memory killer sends it)" if name == "SIGKILL" else ""
+            ", as the out-of-memory killer sends" if name == "SIGKILL" else ""
         )
     return f"Input worker process {worker} died ({how}) while building batch {batch}"
