@@ -77,8 +77,9 @@ def test_batches_equal_the_in_process_ones_over_three_times_the_slots(
     assert it.slot_owners() == [
         {s: "worker" for s in range(w * SLOTS, (w + 1) * SLOTS)} for w in range(num_workers)
     ]
-    it.close()
+    # Every worker has mapped the slots' file, so its name is gone already, mid-run.
     assert not _our_segments()
+    it.close()
 
 
 def test_kept_batches_never_change_and_the_pool_copies_rather_than_waits(dataset, reference):

@@ -3,7 +3,9 @@
 One shared-memory file holds ``slots_per_worker`` batch slots for each worker.
 It is reserved in full when the pool starts (a /dev/shm too small for it is one
 clear error before the first batch, not a SIGBUS mid-run) and each process
-maps it once, so no batch pays for fresh pages or for freeing them.
+maps it once, so no batch pays for fresh pages or for freeing them. Once every
+worker has mapped it, its name is removed: however the run ends, nothing is
+left in /dev/shm.
 
 Who owns a slot is explicit: a worker fills only slots it was sent through
 its ``free`` pipe, and the main process sends a slot back only when nothing
@@ -120,7 +122,8 @@ def free_bytes(directory: str) -> int:
 
 
 class _Segment:
-    """A file in the shared-memory filesystem: created and reserved in full, unlinked at close."""
+    """A file in the shared-memory filesystem, reserved in full; unlinked once every worker has
+    mapped it (or at close)."""
 
     def __init__(self, nbytes: int, directory: str):
         if not os.path.isdir(directory):
@@ -177,6 +180,7 @@ def _work(writer: Any, batches: range, path: str, slots: range, size: int, free,
     }
     k = batches.start
     try:
+        ready.send(("mapped",))  # Once every worker has mapped the file, its name can go.
         for k in batches:
             slot = free.recv()
             ready.send((k, slot, writer.write(k, views[slot])))
@@ -223,7 +227,7 @@ class WorkerPool:
             free = free_bytes(shm_dir)
             check_room(per_worker * num_workers, per_worker, num_workers, free, shm_dir, what)
         self._segment = _Segment(per_worker * num_workers, shm_dir)
-        self._start, self._stop, self._next = start, stop, start
+        self._start, self._stop, self._next, self._mapped = start, stop, start, 0
         self._leased: list[set[int]] = [set() for _ in range(num_workers)]
         self._returned: collections.deque[tuple[int, int]] = collections.deque()
         self._workers: list[Any] = []
@@ -289,7 +293,15 @@ class WorkerPool:
         Only the worker holds its pipe's sending end, so its death is the end of the pipe.
         """
         try:
-            return self._ready[w].recv()
+            message = self._ready[w].recv()
+            while message[0] == "mapped":
+                self._mapped += 1
+                if self._mapped == len(self._workers):
+                    # Every process has it mapped: its name can go now, so no way this process
+                    # ends (a SIGKILL, an os._exit) can leave it behind in /dev/shm.
+                    self._segment.unlink()
+                message = self._ready[w].recv()
+            return message
         except EOFError:
             process = self._workers[w]
             process.join()
