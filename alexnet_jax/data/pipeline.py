@@ -446,7 +446,7 @@ class _Batches(grain.MapDataset):
     ):
         super().__init__(records)
         self._transform = transform
-        self._global_batch, self._local_batch, self._offset = global_batch, local_batch, offset
+        self._global_batch, self.local_batch, self._offset = global_batch, local_batch, offset
         self._drop_remainder = drop_remainder
 
     def __len__(self) -> int:
@@ -462,14 +462,14 @@ class _Batches(grain.MapDataset):
 
     def layout(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """A full batch's fields: their shapes and dtypes."""
-        return self._transform.layout(self._local_batch)
+        return self._transform.layout(self.local_batch)
 
     def write(self, k: int, out: dict[str, np.ndarray] | None) -> Any:
         """Batch ``k`` written into ``out`` (returns its row count), or new arrays (returned)."""
         k %= len(self)  # As grain's own datasets do: ``repeat`` passes indices on as they are.
         records = self._parents[0]
         start = k * self._global_batch + self._offset
-        positions = range(start, min(start + self._local_batch, len(records)))
+        positions = range(start, min(start + self.local_batch, len(records)))
         batch = self._transform.batch([records[i] for i in positions], positions, out)
         return batch if out is None else len(positions)
 
@@ -539,7 +539,25 @@ class BatchIterator:
     def start_prefetch(self) -> None:
         """Starts reading (and the worker processes) from the next batch on."""
         if self._iterator is None:
-            self._iterator = _read(self, self._next_batch)
+            self._iterator = self._open(self._next_batch)
+
+    def _open(self, first: int) -> Iterator[dict[str, np.ndarray]]:
+        """Batches from ``first`` on: from worker processes, or threads in this process."""
+        ahead = batches_ahead(self._loading, self._batches.local_batch)
+        if self._loading.num_workers > 0:
+            # One more slot than the batches ahead: the one the consumer holds.
+            return workers.WorkerPool(
+                self._batches,
+                first,
+                None if self._endless else len(self._batches),
+                num_workers=self._loading.num_workers,
+                slots_per_worker=ahead + 1,
+                what=self._what,
+            )
+        remaining = (self._batches.repeat() if self._endless else self._batches)[first:]
+        threads = self._loading.num_threads
+        read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(ahead, threads))
+        return iter(remaining.to_iter_dataset(read))
 
     def slot_owners(self) -> list[dict[int, str]]:
         """With worker processes, who holds each batch slot (``WorkerPool.slot_owners``)."""
@@ -559,26 +577,6 @@ class IteratorStateError(errors.UsageError, ValueError):
 def batches_ahead(loading: Loading, local_batch: int) -> int:
     """Batches each worker process (or the threads) builds ahead of the consumer."""
     return -(-loading.prefetch // local_batch) if loading.prefetch > 0 else 2
-
-
-def _read(iterator: BatchIterator, first: int) -> Iterator[dict[str, np.ndarray]]:
-    """``iterator``'s batches from ``first`` on: from worker processes, or threads in this one."""
-    batches, loading, endless = iterator._batches, iterator._loading, iterator._endless
-    ahead = batches_ahead(loading, batches._local_batch)
-    if loading.num_workers > 0:
-        # One more slot than the batches ahead: the one the consumer holds.
-        return workers.WorkerPool(
-            batches,
-            first,
-            None if endless else len(batches),
-            num_workers=loading.num_workers,
-            slots_per_worker=ahead + 1,
-            what=iterator._what,
-        )
-    remaining = (batches.repeat() if endless else batches)[first:]
-    threads = loading.num_threads
-    read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(ahead, threads))
-    return iter(remaining.to_iter_dataset(read))
 
 
 def shuffled_records(dataset: Dataset, seed: int) -> grain.MapDataset:
