@@ -637,5 +637,19 @@ def input_workers(setting: int, backend: str | None = None, cores: int | None = 
     if (backend or jax.default_backend()) == "cpu":
         return 0
     if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        cores = usable_cores()
     return max(1, (cores or 1) - INPUT_CORES_KEPT)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity where the OS reports one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def describe_kernels(kernels: model.Kernels) -> str:
+    """One line naming each of ``kernels``' choices (function or schedule names)."""
+    parts = []
+    for field in dataclasses.fields(kernels):
+        value = getattr(kernels, field.name)
+        parts.append(f"{field.name}={getattr(value, '__name__', None) or value!r}")
+    return ", ".join(parts)

@@ -1,7 +1,10 @@
 """Shared fixtures: a tiny generated dataset and a tiny config, so tests need no downloads."""
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
@@ -10,6 +13,15 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 SHARED_SAMPLES = os.path.join(ROOT, "..", "shared", "imagenet-samples")
+
+# One persistent compilation cache for the session, its subprocesses included (they inherit
+# the environment): many tests and launch.py runs compile the same tiny networks, and XLA:CPU
+# compiles dominate the suite's time. Fresh per session, so no run reads another's entries.
+# Set before JAX is imported, which reads it once.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _CACHE_DIR = tempfile.mkdtemp(prefix="alexnet_jax_tests_xla_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
+    atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
 
 # The same process-level XLA settings as every command, before any test starts JAX.
 from alexnet_jax import tuning  # noqa: E402

@@ -133,18 +133,6 @@ def test_frameworks_one_alone_or_all_less_the_skipped():
         select("torch", skip_torch=True)
 
 
-def test_cpu_features_from_cpuinfo():
-    cpuinfo = (
-        "processor\t: 0\nmodel name\t: Some Xeon\nflags\t\t: fpu avx2 avx512f amx_bf16 amx_tile\n"
-        "processor\t: 1\nmodel name\t: Some Xeon\nflags\t\t: fpu\n"
-    )
-    assert train_step.cpu_features(cpuinfo) == {
-        "model": "Some Xeon",
-        "flags": {"avx512f": True, "avx512_bf16": False, "amx_tile": True, "amx_bf16": True},
-    }
-    assert train_step.cpu_features("")["flags"] == dict.fromkeys(train_step.CPU_BF16_FLAGS, False)
-
-
 def test_command_takes_a_config_and_overrides(tmp_path):
     """The command line: --config plus --config.* overrides pick the network; mirrors are gone."""
     command = [
@@ -162,3 +150,20 @@ def test_command_takes_a_config_and_overrides(tmp_path):
         [*command[:3], "--width=0.5"], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert removed.returncode != 0 and "width" in removed.stderr
+
+
+def test_a_failed_torch_compile_skips_that_step_alone(monkeypatch):
+    """The torch turns are built without torch here: the step builder is replaced."""
+    from alexnet_jax.benchmarks import torch_reference
+
+    def fake_step(config, batch, *, compiled, device):
+        if compiled:
+            raise torch_reference.TorchCompileError("torch.compile failed: no compiler")
+        return (lambda: None), {"device": device}
+
+    monkeypatch.setattr(torch_reference, "torch_train_step", fake_step)
+    steps, info, failed = torch_reference.train_steps(
+        tiny_config(), ["torch", "torch_compile"], {}, "cpu"
+    )
+    assert list(steps) == ["torch"] and info == {"torch": {"device": "cpu"}}
+    assert failed == {"torch_compile": "torch.compile failed: no compiler"}

@@ -18,16 +18,16 @@ its equality test passing, belongs in ``tuning.KERNEL_OPTIONS_BY_BACKEND``.
 
 from __future__ import annotations
 
+import functools
 import statistics
-import sys
 from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from alexnet_jax import cli, config_lib, tuning
+from alexnet_jax import config_lib, tuning
 from alexnet_jax.benchmarks import command, train_step
 
 
@@ -110,21 +110,12 @@ def define_flags() -> None:
 
 def main(argv: Sequence[str]) -> int:
     """A bad flag or option is one ``error:`` line and exit 2."""
-    return cli.run_reporting_errors(lambda: _run(argv))
-
-
-def _run(argv: Sequence[str]) -> int:
-    command.start(argv, FLAGS.config)
-    out = run(
-        train_step.with_batch_size(FLAGS.config, FLAGS.batch_size),
-        FLAGS.options,
-        steps=FLAGS.steps,
-        kernels=FLAGS.kernels,
+    config = train_step.with_batch_size(FLAGS.config, FLAGS.batch_size)
+    measure = functools.partial(
+        run, config, FLAGS.options, steps=FLAGS.steps, kernels=FLAGS.kernels
     )
-    command.finish(out, FLAGS.json)
-    return cli.EXIT_OK
+    return command.main(argv, FLAGS.config, measure, FLAGS.json)
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(lambda argv: sys.exit(main(argv)))
+    command.launch(define_flags, main)

@@ -21,18 +21,18 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import glob
 import os
 import re
-import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import ml_collections
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from alexnet_jax import cli, config_lib, diagnostics, tuning
+from alexnet_jax import config_lib, diagnostics, tuning
 from alexnet_jax.benchmarks import command, train_step
 
 DEFAULT_START_STEP = 4  # When config.diagnostics.profile_start_step is 0 (off): after warm-up.
@@ -267,21 +267,11 @@ def define_flags() -> None:
 
 def main(argv: Sequence[str]) -> int:
     """A bad flag or config value is one ``error:`` line and exit 2."""
-    return cli.run_reporting_errors(lambda: _run(argv))
-
-
-def _run(argv: Sequence[str]) -> int:
-    command.start(argv, FLAGS.config)
-    out = run(
-        train_step.with_batch_size(FLAGS.config, FLAGS.batch_size),
-        FLAGS.workdir,
-        top=FLAGS.top,
-        kernel_options=FLAGS.kernel_options,
-    )
-    command.finish(out, FLAGS.json)
-    return cli.EXIT_OK
+    config = train_step.with_batch_size(FLAGS.config, FLAGS.batch_size)
+    options = FLAGS.kernel_options
+    measure = functools.partial(run, config, FLAGS.workdir, top=FLAGS.top, kernel_options=options)
+    return command.main(argv, FLAGS.config, measure, FLAGS.json)
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(lambda argv: sys.exit(main(argv)))
+    command.launch(define_flags, main)

@@ -303,6 +303,29 @@ def torch_train_step(
     return one_step, info
 
 
+def train_steps(
+    config: ml_collections.ConfigDict,
+    names: Sequence[str],
+    batch: Mapping[str, np.ndarray],
+    device: str,
+) -> tuple[dict[str, TorchStep], dict[str, dict[str, Any]], dict[str, str]]:
+    """``torch_train_step`` for each of ``names`` ("torch", "torch_compile"), device peak reset.
+
+    Returns (steps, their info, {name: why} for each that inductor could not compile), so a
+    failed compile skips that step and leaves the others to time.
+    """
+    reset_device_peak(device)
+    steps, info, failed = {}, {}, {}
+    for name in names:
+        try:
+            steps[name], info[name] = torch_train_step(
+                config, batch, compiled=name == "torch_compile", device=device
+            )
+        except TorchCompileError as e:
+            failed[name] = str(e)
+    return steps, info, failed
+
+
 def describe(info: Mapping[str, Any]) -> str:
     """The words printed after a PyTorch step's rate: where and how it ran, and which net."""
     where = (
