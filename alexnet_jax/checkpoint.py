@@ -167,6 +167,28 @@ def first_usable(
     )
 
 
+def finished_steps(directory: str) -> list[int]:
+    """Steps whose checkpoint under ``directory`` is committed (orbax renames it when done).
+
+    Read from the disk alone, so it holds when a save is still in flight or can
+    no longer finish (a process of the job is gone).
+    """
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+
+
+def resume_note(directory: str, relaunch: str = "a relaunch") -> str:
+    """Where ``relaunch`` resumes from, in words: the newest committed step under ``directory``."""
+    steps = finished_steps(directory)
+    if not steps:
+        return f"No checkpoint was committed in {directory}: {relaunch} starts from scratch."
+    return (
+        f"The newest committed checkpoint is step {steps[-1]} ({directory}/{steps[-1]}); "
+        f"{relaunch} resumes from it."
+    )
+
+
 class Checkpointer:
     """Saves and restores state + data iterator + config; see the module docstring."""
 
@@ -450,9 +472,7 @@ class Checkpointer:
 
     def finished_steps(self) -> list[int]:
         """Steps whose checkpoint directory is complete on disk (orbax renames it when done)."""
-        if not os.path.isdir(self.directory):
-            return []
-        return sorted(int(d) for d in os.listdir(self.directory) if d.isdigit())
+        return finished_steps(self.directory)
 
     def _save_failure(self, error: Exception) -> str:
         reason = " ".join(str(error).split())

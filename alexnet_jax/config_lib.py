@@ -370,6 +370,13 @@ FIELDS: tuple[Field, ...] = (
         integer(-1, note=" (-1 = auto-detect)"),
         "This process's index (0 = coordinator); -1 = auto-detect.",
     ),
+    Field(
+        "distributed.heartbeat_timeout_seconds",
+        100,
+        integer(1),
+        "Seconds without a heartbeat before the coordination service declares a process "
+        "dead (JAX's default; a collective with a dead process fails sooner).",
+    ),
     # Diagnostics (alexnet_jax/diagnostics.py).
     Field(
         "diagnostics.stuck_after_steps",
