@@ -1,4 +1,5 @@
-"""Checkpoints survive SIGKILL, SIGTERM, damaged files, bad relaunches, NaNs and a second launch.
+"""Checkpoints survive SIGKILL, SIGTERM, a killed input worker, damaged files, bad relaunches,
+NaNs and a second launch.
 
 The end-to-end tests share one set of launch.py runs (a module fixture), so
 the train step compiles in as few processes as possible:
@@ -6,7 +7,9 @@ the train step compiles in as few processes as possible:
   A   uninterrupted, 20 steps (the reference)        } run side by side
   B1  same config, SIGKILLed after step 5 is logged  }
   B2  relaunch into B's workdir, SIGTERMed a few steps after it resumes
-  B3  relaunch into B's workdir up to step 20        } run side by side
+  B3  relaunch into B's workdir whose input fails at its 3rd batch as a killed input
+      worker's does (tests/faulty_input_launch.py): saves, exits 75  } side by side
+  B4  relaunch into B's workdir up to step 20                         }
 
 A reads its input in-process; B1, B2 and B3 with 2, 1 and 0 worker processes
 (``data.num_workers``): a resume on another number of workers continues the
@@ -226,11 +229,16 @@ def _overrides(data_dir, workdir, **extra):
     return tiny_launch_flags(data_dir, workdir, **{**fields, **extra})
 
 
-def _start(args, log_path):
+LAUNCH = os.path.join(ROOT, "launch.py")
+FAULTY_INPUT_LAUNCH = os.path.join(ROOT, "tests", "faulty_input_launch.py")
+WORKER_FAILS_AT_BATCH = 3
+
+
+def _start(args, log_path, command=(LAUNCH,)):
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
     with open(log_path, "w") as log:  # The child keeps its own copy of the descriptor.
         proc = subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, "launch.py"), *args],
+            [sys.executable, *command, *args],
             cwd=ROOT,
             env=env,
             stdout=log,
@@ -319,6 +327,7 @@ def runs(tiny_demo_dir, tmp_path_factory):
     b3 = _start(
         _overrides(tiny_demo_dir, interrupted, keep_checkpoints=2, num_epochs=50),  # Safe changes.
         root / "B3.log",
+        command=(FAULTY_INPUT_LAUNCH, str(WORKER_FAILS_AT_BATCH)),
     )
     c = _start(
         _overrides(
@@ -330,7 +339,10 @@ def runs(tiny_demo_dir, tmp_path_factory):
         ),
         root / "C.log",
     )
-    out["b3"], out["c"] = _finish(b3), _finish(c)
+    out["b3"] = _finish(b3)
+    out["b3_checkpoints"] = checkpoint.finished_steps(os.path.join(interrupted, "checkpoints"))
+    b4 = _start(_overrides(tiny_demo_dir, interrupted), root / "B4.log")
+    out["b4"], out["c"] = _finish(b4), _finish(c)
     return out
 
 
@@ -345,10 +357,29 @@ def test_sigterm_saves_at_the_next_step_and_exits_zero(runs):
     assert f"Resumed from the checkpoint at step {stopped} " in runs["b3"][1]
 
 
+def test_a_killed_input_worker_saves_where_it_stopped_and_exits_75(runs):
+    rc, log = runs["b3"]
+    assert rc == 75, log[-3000:]  # errors.EXIT_RELAUNCH
+    resumed = int(re.search(r"Resumed from the checkpoint at step (\d+)", log)[1])
+    reached = resumed + WORKER_FAILS_AT_BATCH - 1  # The failing batch's step never ran.
+    directory = os.path.join(runs["interrupted"], "checkpoints")
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: Training input worker 1 was killed by SIGKILL at step {reached}, so training "
+        f"stopped after saving the train state and the input position at step {reached} in "
+        f"{directory}. Relaunch the same command to continue from there. If the kernel's OOM "
+        "killer ended it (dmesg), try fewer workers (--config.data.num_workers), a smaller "
+        "--config.data.prefetch, or more memory."
+    ]
+    assert "Traceback" not in log
+    assert runs["b3_checkpoints"][-1] == reached  # Saved and committed before the exit.
+    assert f"Resumed from the checkpoint at step {reached} " in runs["b4"][1]
+
+
 def test_sigkill_then_relaunch_is_bitwise_identical_to_an_uninterrupted_run(runs):
     assert runs["b1"][0] == -signal.SIGKILL
     assert runs["a"][0] == 0, runs["a"][1][-3000:]
-    assert runs["b3"][0] == 0, runs["b3"][1][-3000:]
+    assert runs["b4"][0] == 0, runs["b4"][1][-3000:]
     assert runs["b2_resumed"] < TOTAL_STEPS
 
     ref = _restore_state(runs["ref"], TOTAL_STEPS)
