@@ -43,7 +43,15 @@ class NoUsableCheckpointError(errors.NoCheckpointError, RuntimeError):
 
 
 class CheckpointSaveError(errors.RunStoppedError, RuntimeError):
-    """A background save failed (e.g. the disk is full): training must stop, cleanly."""
+    """A background save failed (e.g. the disk is full): training must stop, cleanly.
+
+    ``reason`` is what failed, in one line (the training loop tells a save whose
+    collective failed because a process of the job is gone by it).
+    """
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason
 
 
 class ConfigMismatchError(config_lib.ConfigError):
@@ -270,7 +278,7 @@ class Checkpointer:
                 force=True,
             )
         except Exception as e:  # noqa: BLE001 - a failed earlier save surfaces here too.
-            raise CheckpointSaveError(self._save_failure(e)) from None
+            raise self._save_error(e) from None
         if saved:
             logging.info("Saving checkpoint at step %d to %s", step, self.directory)
         return saved
@@ -457,7 +465,7 @@ class Checkpointer:
         try:
             self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001
-            raise CheckpointSaveError(self._save_failure(e)) from None
+            raise self._save_error(e) from None
 
     def check_saves(self) -> None:
         """Raises CheckpointSaveError if a background save has failed; call at step boundaries.
@@ -468,13 +476,13 @@ class Checkpointer:
         try:
             self.manager.check_for_errors()
         except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise several types.
-            raise CheckpointSaveError(self._save_failure(e)) from None
+            raise self._save_error(e) from None
 
     def finished_steps(self) -> list[int]:
         """Steps whose checkpoint directory is complete on disk (orbax renames it when done)."""
         return finished_steps(self.directory)
 
-    def _save_failure(self, error: Exception) -> str:
+    def _save_error(self, error: Exception) -> CheckpointSaveError:
         reason = " ".join(str(error).split())
         if "os_error_code='28'" in reason or "No space left" in reason:
             reason = "no space left on the device (OSError ENOSPC)"
@@ -486,9 +494,10 @@ class Checkpointer:
             if good
             else "No checkpoint was completed: a relaunch starts from scratch."
         )
-        return (
+        return CheckpointSaveError(
             f"Saving a checkpoint to {self.directory} failed, so training stopped: {reason}. "
-            f"{last} Free space or fix the directory first."
+            f"{last} Free space or fix the directory first.",
+            reason,
         )
 
     def close(self) -> None:

@@ -372,10 +372,9 @@ FIELDS: tuple[Field, ...] = (
     ),
     Field(
         "distributed.heartbeat_timeout_seconds",
-        100,
+        20,
         integer(1),
-        "Seconds without a heartbeat before the coordination service declares a process "
-        "dead (JAX's default; a collective with a dead process fails sooner).",
+        "Seconds without heartbeats before a process counts as dead (JAX's default: 100).",
     ),
     # Diagnostics (alexnet_jax/diagnostics.py).
     Field(

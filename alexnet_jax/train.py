@@ -274,8 +274,9 @@ def _stop_for_input_worker(
     return errors.InputWorkerError(message, worker=error.worker, exitcode=error.exitcode)
 
 
-# What a collective or the coordination service says when another process is gone.
-_PEER_LOSS_MARKERS = ("gloo", "connection", "peer", "unavailable", "heartbeat", "coordination")
+# What a failed collective (gloo on CPU, NCCL on GPU) or the coordination service says
+# when another process of the job is gone.
+_PEER_LOSS_MARKERS = ("gloo", "nccl", "connection closed by peer", "heartbeat", "coordination")
 
 
 def _is_peer_loss(error: Exception) -> bool:
@@ -286,7 +287,7 @@ def _is_peer_loss(error: Exception) -> bool:
 def _peer_lost(error: Exception, step: int, directory: str) -> errors.PeerLostError:
     """The one line a survivor prints when a collective failed because a process is gone."""
     logging.debug("The collective failed with: %s", error)
-    reason = " ".join(str(error).split())[:160]
+    reason = " ".join((getattr(error, "reason", "") or str(error)).split())[:160]
     return errors.PeerLostError(
         f"Process {jax.process_index()} of {jax.process_count()} stopped at step {step}: "
         f"another process of the job is gone (a collective failed: {reason}). "
@@ -572,7 +573,8 @@ def _train_and_evaluate(
                     step,
                 )
                 break
-    except jax.errors.JaxRuntimeError as e:
+    except (jax.errors.JaxRuntimeError, checkpoint.CheckpointSaveError) as e:
+        # A collective in the step, or in a save's synchronization, with a process gone.
         if jax.process_count() == 1 or not _is_peer_loss(e):
             raise
         raise _peer_lost(e, step, ckpt.directory) from None

@@ -319,15 +319,14 @@ def _start_job(data_dir, workdir, logs, mesh_shape: str, processes: int, **field
 
 
 def _finish_job(jobs, logs, timeout=600) -> list[tuple[int, str]]:
-    """Each process's exit code and log; kills what is still running after ``timeout``."""
-    try:
-        for job in jobs:
-            job.wait(timeout=timeout)
-    finally:
-        for job in jobs:
-            if job.poll() is None:
-                job.kill()
-                job.wait()
+    """Each process's exit code and log; kills what still runs ``timeout`` s from now."""
+    deadline = time.time() + timeout
+    for job in jobs:
+        try:
+            job.wait(timeout=max(deadline - time.time(), 0.1))
+        except subprocess.TimeoutExpired:
+            job.kill()
+            job.wait()
     return [(job.returncode, (logs / f"{i}.log").read_text()) for i, job in enumerate(jobs)]
 
 
@@ -359,14 +358,14 @@ def test_a_killed_process_ends_its_peer_at_once_and_the_relaunch_takes_the_newes
     jobs = _start_job(tiny_demo_dir, workdir, logs, "(1, 2)", 2, **fields)
     try:
         _wait_for_step(workdir, 4, jobs)
-        jobs[1].kill()
-        killed = time.time()
-        jobs[0].wait(timeout=30)
-        seconds = time.time() - killed
-    finally:
-        (rc, log), _ = _finish_job(jobs, logs, timeout=1)
+    except BaseException:
+        _finish_job(jobs, logs, timeout=0)  # Kills both.
+        raise
+    jobs[1].kill()
+    killed = time.time()
+    (rc, log), _ = _finish_job(jobs, logs, timeout=30)
+    assert time.time() - killed < 30
     assert rc == 75, log[-3000:]  # errors.EXIT_RELAUNCH, not SIGABRT (-6) after 60 s.
-    assert seconds < 30
     errors = [line for line in log.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, log[-3000:]
     directory = os.path.join(workdir, "checkpoints")
@@ -382,7 +381,7 @@ def test_a_killed_process_ends_its_peer_at_once_and_the_relaunch_takes_the_newes
     assert errors[0] == log.rstrip().splitlines()[-1]  # The last thing shown.
     assert "Traceback" not in log and "Fatal Python error" not in log
     committed = int(match[2])
-    assert 4 <= committed <= int(match[1])
+    assert 1 <= committed < int(match[1])  # Saves lag the steps: later ones never committed.
     assert checkpoint.finished_steps(directory)[-1] == committed
 
     # The relaunch restores the newest committed step (a half-written one, if any, is ignored).

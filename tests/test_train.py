@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from alexnet_jax import inference
+from alexnet_jax import inference, train
 from tests.conftest import ROOT, tiny_launch_flags
 
 
@@ -60,6 +60,16 @@ def test_a_validation_pass_runs_as_many_batches_in_every_process():
     # Every image counted once a pass: process 2's second batch is all padding.
     assert sorted(seen[0] + seen[2] + seen[4]) == list(range(20))
     assert seen[4] == seen[5] == list(range(2, 20, 3))
+
+
+def test_a_failed_collective_with_a_gone_process_is_told_apart_from_other_runtime_errors():
+    # What the survivor's step raised when its peer was SIGKILLed (gloo on CPU, jax 0.10.2).
+    gone = (
+        "UNKNOWN: Gloo AllGather failed: [external/gloo/gloo/transport/tcp/pair.cc:547] "
+        "Connection closed by peer [127.0.0.1]:7553"
+    )
+    assert train._is_peer_loss(RuntimeError(gone))
+    assert not train._is_peer_loss(RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating"))
 
 
 def _launch(*args, timeout=600):
