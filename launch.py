@@ -14,7 +14,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from alexnet_jax import allocator, cli, config_lib, train, tuning
+from alexnet_jax import allocator, cli, config_lib, errors, train, tuning
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/demo.py.", lock_config=True
@@ -36,12 +36,25 @@ def initialize_distributed(config) -> None:
         coordinator_address=d.coordinator_address or None,
         num_processes=None if d.num_processes == -1 else d.num_processes,
         process_id=None if d.process_id == -1 else d.process_id,
+        heartbeat_timeout_seconds=d.heartbeat_timeout_seconds,
     )
 
 
 def _fail(message: str, code: int = cli.EXIT_USAGE) -> NoReturn:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
+
+
+def _end_now(message: str, code: int) -> NoReturn:
+    """The error line, then exit skipping ``jax.distributed``'s shutdown.
+
+    With a process of the job gone, the shutdown barrier would wait for it
+    and then abort with C++ stacks; nothing is left to save.
+    """
+    logging.flush()
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)
 
 
 def _renamed_overrides(argv: list[str]) -> list[str]:
@@ -105,6 +118,8 @@ def main(argv):
         code = cli.exit_code(e)  # The one mapping of user errors to exit codes (cli.py).
         if code is None:
             raise  # A bug: keep its traceback.
+        if isinstance(e, errors.PeerLostError):
+            _end_now(str(e), code)
         _fail(str(e), code)  # Once, on stderr (not also as a log line).
 
 

@@ -43,7 +43,15 @@ class NoUsableCheckpointError(errors.NoCheckpointError, RuntimeError):
 
 
 class CheckpointSaveError(errors.RunStoppedError, RuntimeError):
-    """A background save failed (e.g. the disk is full): training must stop, cleanly."""
+    """A background save failed (e.g. the disk is full): training must stop, cleanly.
+
+    ``reason`` is what failed, in one line (the training loop tells a save whose
+    collective failed because a process of the job is gone by it).
+    """
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason
 
 
 class ConfigMismatchError(config_lib.ConfigError):
@@ -167,6 +175,28 @@ def first_usable(
     )
 
 
+def finished_steps(directory: str) -> list[int]:
+    """Steps whose checkpoint under ``directory`` is committed (orbax renames it when done).
+
+    Read from the disk alone, so it holds when a save is still in flight or can
+    no longer finish (a process of the job is gone).
+    """
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+
+
+def resume_note(directory: str, relaunch: str = "a relaunch") -> str:
+    """Where ``relaunch`` resumes from, in words: the newest committed step under ``directory``."""
+    steps = finished_steps(directory)
+    if not steps:
+        return f"No checkpoint was committed in {directory}: {relaunch} starts from scratch."
+    return (
+        f"The newest committed checkpoint is step {steps[-1]} ({directory}/{steps[-1]}); "
+        f"{relaunch} resumes from it."
+    )
+
+
 class Checkpointer:
     """Saves and restores state + data iterator + config; see the module docstring."""
 
@@ -248,7 +278,7 @@ class Checkpointer:
                 force=True,
             )
         except Exception as e:  # noqa: BLE001 - a failed earlier save surfaces here too.
-            raise CheckpointSaveError(self._save_failure(e)) from None
+            raise self._save_error(e) from None
         if saved:
             logging.info("Saving checkpoint at step %d to %s", step, self.directory)
         return saved
@@ -435,7 +465,7 @@ class Checkpointer:
         try:
             self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001
-            raise CheckpointSaveError(self._save_failure(e)) from None
+            raise self._save_error(e) from None
 
     def check_saves(self) -> None:
         """Raises CheckpointSaveError if a background save has failed; call at step boundaries.
@@ -446,15 +476,13 @@ class Checkpointer:
         try:
             self.manager.check_for_errors()
         except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise several types.
-            raise CheckpointSaveError(self._save_failure(e)) from None
+            raise self._save_error(e) from None
 
     def finished_steps(self) -> list[int]:
         """Steps whose checkpoint directory is complete on disk (orbax renames it when done)."""
-        if not os.path.isdir(self.directory):
-            return []
-        return sorted(int(d) for d in os.listdir(self.directory) if d.isdigit())
+        return finished_steps(self.directory)
 
-    def _save_failure(self, error: Exception) -> str:
+    def _save_error(self, error: Exception) -> CheckpointSaveError:
         reason = " ".join(str(error).split())
         if "os_error_code='28'" in reason or "No space left" in reason:
             reason = "no space left on the device (OSError ENOSPC)"
@@ -466,9 +494,10 @@ class Checkpointer:
             if good
             else "No checkpoint was completed: a relaunch starts from scratch."
         )
-        return (
+        return CheckpointSaveError(
             f"Saving a checkpoint to {self.directory} failed, so training stopped: {reason}. "
-            f"{last} Free space or fix the directory first."
+            f"{last} Free space or fix the directory first.",
+            reason,
         )
 
     def close(self) -> None:

@@ -370,6 +370,12 @@ FIELDS: tuple[Field, ...] = (
         integer(-1, note=" (-1 = auto-detect)"),
         "This process's index (0 = coordinator); -1 = auto-detect.",
     ),
+    Field(
+        "distributed.heartbeat_timeout_seconds",
+        20,
+        integer(1),
+        "Seconds without heartbeats before a process counts as dead (JAX's default: 100).",
+    ),
     # Diagnostics (alexnet_jax/diagnostics.py).
     Field(
         "diagnostics.stuck_after_steps",

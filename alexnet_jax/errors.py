@@ -13,9 +13,13 @@ EXIT_OK = 0
 EXIT_PARTIAL = 1  # Finished, but some inputs were reported (e.g. unreadable images).
 EXIT_USAGE = 2  # A user or environment mistake: a flag, a config field, a path.
 EXIT_NO_CHECKPOINT = 3  # The workdir holds no checkpoint that can be restored.
-# Stopped by a fault outside the run's own code (a killed input worker): relaunch to continue.
-# 75 is sysexits' EX_TEMPFAIL, "a temporary failure; the user is invited to retry".
+# Stopped by a fault outside the run's own code (a killed input worker, a process of the job
+# gone): relaunch the same command (every process of the job) to continue. 75 is sysexits'
+# EX_TEMPFAIL, "a temporary failure; the user is invited to retry", so a scheduler may retry.
 EXIT_RELAUNCH = 75
+# A second SIGTERM or SIGINT stops at once without saving: 128 + the signal's number (143 or
+# 130), as a shell reports a process the signal ended. No exception carries it (run_control).
+EXIT_SIGNAL_BASE = 128
 
 
 class UserError(Exception):
@@ -54,3 +58,14 @@ class InputWorkerError(UserError):
     def __init__(self, message: str, *, worker: int, exitcode: int | None):
         super().__init__(message)
         self.worker, self.exitcode = worker, exitcode
+
+
+class PeerLostError(UserError):
+    """Another process of a multi-process job is gone (a collective with it failed).
+
+    Nothing can be saved without it, and ``jax.distributed``'s shutdown would
+    wait for it and then abort: the command ends at once (``os._exit``) after
+    its one ``error:`` line.
+    """
+
+    exit_code = EXIT_RELAUNCH

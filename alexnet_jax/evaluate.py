@@ -204,6 +204,11 @@ def evaluate_members(
     total = dataset.num_examples(split)
     if max_examples > 0:
         total = min(total, max_examples)
+    if total < jax.process_count():
+        raise errors.UsageError(
+            f"{total} {split} images for {jax.process_count()} processes: every process needs "
+            "one (a larger --max_examples, or fewer processes)"
+        )
     local_batch = batch_size // jax.process_count()
     iterator = pipeline.eval_iterator(
         dataset,
@@ -226,21 +231,23 @@ def evaluate_members(
         batch_size,
     )
     totals: dict[str, float] = {}
-    seen, start = 0, time.time()
+    start = time.time()
     shown = progress.Progress(total, unit="images", every_seconds=progress_every_s)
-    for local in iterator:
-        if seen >= total:
-            break
-        if not ten_crop:
-            local = {**local, "images": local["images"][:, None]}  # B x 1 x H x W x C
-        keep = min(len(local["labels"]), total - seen)
-        local = {k: v[:keep] for k, v in local.items()}
-        batch = sharding.global_batch(mesh, inference.pad_batch(local, local_batch))
-        sums = batch_fn(params_list, means_list, batch)
+    views = (  # B x 1 x H x W x C for the centre crop alone.
+        local if ten_crop else {**local, "images": local["images"][:, None]} for local in iterator
+    )
+    # Every process runs the same number of batches (a short shard pads with masked ones).
+    process, processes = jax.process_index(), jax.process_count()
+    for local in inference.padded_pass(
+        views,
+        images=inference.shard_images(total, process, processes),
+        local_batch=local_batch,
+        num_batches=inference.batches_per_pass(total, local_batch, processes),
+    ):
+        sums = batch_fn(params_list, means_list, sharding.global_batch(mesh, local))
         for key, value in sums.items():
             totals[key] = totals.get(key, 0.0) + float(np.asarray(value.addressable_data(0)))
-        seen += keep * jax.process_count()
-        shown.update(keep * jax.process_count())
+        shown.update(int(totals["count"] - shown.done))
     iterator.close()
     count = max(totals.pop("count", 0.0), 1.0)
 

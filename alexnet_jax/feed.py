@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from alexnet_jax import inference, sharding, tuning
+from alexnet_jax import errors, inference, sharding, tuning
 from alexnet_jax.data import device_augment, pipeline
 
 DeviceBatch = dict[str, jax.Array]
@@ -106,22 +106,32 @@ def _to_device(
 class ValidationInput:
     """The validation split, pass after pass, as global device batches (centre crops).
 
-    Each pass is padded to ``config.eval_batch_size`` with a 0/1 ``mask``. The
-    iterator behind it is endless, so its worker processes start once per run.
+    Each pass is ``batches_per_pass`` batches of ``config.eval_batch_size`` with
+    a 0/1 ``mask``, the same number in every process (``inference.padded_pass``).
+    The iterator behind it is endless, so its worker processes start once per run.
     """
 
     iterator: pipeline.BatchIterator
+    images: int  # This process's images of the split.
     batches_per_pass: int
     local_batch: int
     to_device: Callable[[dict[str, np.ndarray]], DeviceBatch]
 
     def one_pass(self) -> Iterator[DeviceBatch]:
-        for _ in range(self.batches_per_pass):
-            local = inference.pad_batch(next(self.iterator), self.local_batch)
-            yield self.to_device(local)
+        local = inference.padded_pass(
+            self.iterator,
+            images=self.images,
+            local_batch=self.local_batch,
+            num_batches=self.batches_per_pass,
+        )
+        return map(self.to_device, local)
 
     def close(self) -> None:
         self.iterator.close()
+
+
+class NoValidationImagesError(errors.UsageError, ValueError):
+    """More processes read the validation split than it has images."""
 
 
 def validation_input(
@@ -133,6 +143,12 @@ def validation_input(
 ) -> ValidationInput:
     """The validation input of ``config`` on ``mesh``, finished on the device where it runs."""
     shard_index, shard_count = sharding.process_data_shard(mesh)
+    total = dataset.num_examples(split)
+    if total < shard_count:
+        raise NoValidationImagesError(
+            f"The {split!r} split of {dataset.data_dir} has {total} images, fewer than the "
+            f"{shard_count} processes that read it: use a larger split or fewer processes."
+        )
     prep = preprocessing(config, dataset)
     iterator = pipeline.eval_iterator(
         dataset,
@@ -144,11 +160,15 @@ def validation_input(
         process_count=shard_count,
         endless=True,
     )
-    count = pipeline.eval_batches_per_pass(
-        dataset, split, config.eval_batch_size, shard_index, shard_count
-    )
+    local_batch = config.eval_batch_size // shard_count
     to_device = _to_device(mesh, prep, device_augment.finish_eval_batch, crop_size=prep.crop_size)
     # Its worker processes start now: a shared memory too small for their slots stops the
     # run before its first step, not at its first evaluation.
     iterator.start_prefetch()
-    return ValidationInput(iterator, count, config.eval_batch_size // shard_count, to_device)
+    return ValidationInput(
+        iterator,
+        images=inference.shard_images(total, shard_index, shard_count),
+        batches_per_pass=inference.batches_per_pass(total, local_batch, shard_count),
+        local_batch=local_batch,
+        to_device=to_device,
+    )

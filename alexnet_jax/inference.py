@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -256,3 +256,43 @@ def pad_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
     }
     padded["mask"] = (np.arange(size) < n).astype(np.float32)
     return padded
+
+
+def shard_images(total: int, process_index: int, process_count: int) -> int:
+    """How many of a split's first ``total`` images process ``process_index`` reads.
+
+    The eval iterator deals images out in turn (image i to process i mod count).
+    """
+    return len(range(process_index, total, process_count))
+
+
+def batches_per_pass(total: int, local_batch: int, process_count: int) -> int:
+    """The batches every process runs in one pass: the largest shard's."""
+    return max(
+        -(-shard_images(total, p, process_count) // local_batch) for p in range(process_count)
+    )
+
+
+def padded_pass(
+    batches: Iterator[dict[str, np.ndarray]], *, images: int, local_batch: int, num_batches: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """``num_batches`` batches of ``local_batch`` with a 0/1 ``mask``: ``images`` real ones first.
+
+    Each batch is a collective across the job's processes, so all of them must
+    run the same number: a process whose shard is shorter goes on with batches
+    whose mask is all 0 (errors count each image once) instead of finishing
+    while the others wait for it in their next batch. Reads exactly the batches
+    that hold ``images``, so an endless iterator stays at the next pass's start.
+    """
+    if images <= 0 < num_batches:
+        raise ValueError("a process without images cannot shape its padding batches")
+    padded = {}
+    for _ in range(num_batches):
+        if images > 0:
+            batch = next(batches)
+            keep = min(len(batch["labels"]), images)
+            images -= keep
+            padded = pad_batch({k: v[:keep] for k, v in batch.items()}, local_batch)
+            yield padded
+        else:
+            yield {k: np.zeros_like(v) for k, v in padded.items()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import signal
 import time
 from typing import Any
 
@@ -20,6 +21,7 @@ from alexnet_jax import (
     checkpoint,
     config_lib,
     diagnostics,
+    errors,
     feed,
     finetune,
     flops,
@@ -212,18 +214,108 @@ def _stop_if_not_finite(
             )
 
 
+def _save_finite(
+    step: int,
+    state: TrainState,
+    pending: list[dict[str, jax.Array]],
+    train_iter: pipeline.BatchIterator,
+    ckpt: checkpoint.Checkpointer,
+    config: ml_collections.ConfigDict,
+    val: dict[str, float] | None = None,
+) -> None:
+    """Saves ``state`` at ``step`` in the background, never a non-finite one."""
+    losses = jax.device_get([m["loss"] for m in pending])
+    _stop_if_not_finite([float(x) for x in losses], step - len(pending) + 1, ckpt)
+    if not bool(metrics.all_finite(state.params)):
+        ckpt.wait()
+        raise diagnostics.NotFiniteError(
+            f"Parameters are not finite after step {step}: stopping. {_last_good(ckpt)}"
+        )
+    ckpt.maybe_save(step, state, train_iter, config=config, metrics=val, force=True)
+
+
+def _how_it_ended(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "ended"
+    if exitcode < 0:
+        try:
+            return f"was killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"was killed by signal {-exitcode}"
+    return f"exited with code {exitcode}"
+
+
+def _stop_for_input_worker(
+    error: errors.InputWorkerError,
+    which: str,
+    step: int,
+    state: TrainState,
+    pending: list[dict[str, jax.Array]],
+    train_iter: pipeline.BatchIterator,
+    ckpt: checkpoint.Checkpointer,
+    config: ml_collections.ConfigDict,
+) -> errors.InputWorkerError:
+    """Saves the intact state and the input position at ``step``; returns the error to raise.
+
+    The batch the worker was building was never handed out, so the saved
+    position is the next batch and the relaunch continues exactly.
+    """
+    if step not in ckpt.finished_steps() and ckpt.latest_step() != step:
+        _save_finite(step, state, pending, train_iter, ckpt, config)
+    ckpt.wait()  # The forced save and any save in flight.
+    skipped = f"; the evaluation at step {step} is skipped" if which == "validation" else ""
+    message = (
+        f"{which.capitalize()} input worker {error.worker} {_how_it_ended(error.exitcode)} "
+        f"at step {step}, so training stopped after saving the train state and the input "
+        f"position at step {step} in {ckpt.directory}{skipped}. Relaunch the same command to "
+        "continue from there. If the kernel's OOM killer ended it (dmesg), try fewer "
+        "workers (--config.data.num_workers), a smaller --config.data.prefetch, or more memory."
+    )
+    return errors.InputWorkerError(message, worker=error.worker, exitcode=error.exitcode)
+
+
+# What a failed collective (gloo on CPU, NCCL on GPU) or the coordination service says
+# when another process of the job is gone.
+_PEER_LOSS_MARKERS = ("gloo", "nccl", "connection closed by peer", "heartbeat", "coordination")
+
+
+def _is_peer_loss(error: Exception) -> bool:
+    text = str(error).lower()
+    return any(marker in text for marker in _PEER_LOSS_MARKERS)
+
+
+def _peer_lost(error: Exception, step: int, directory: str) -> errors.PeerLostError:
+    """The one line a survivor prints when a collective failed because a process is gone."""
+    logging.debug("The collective failed with: %s", error)
+    reason = " ".join((getattr(error, "reason", "") or str(error)).split())[:160]
+    return errors.PeerLostError(
+        f"Process {jax.process_index()} of {jax.process_count()} stopped at step {step}: "
+        f"another process of the job is gone (a collective failed: {reason}). "
+        + checkpoint.resume_note(
+            directory, "relaunching every process of the job (the same command on each)"
+        )
+    )
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains (resuming from ``workdir`` if it holds a checkpoint); returns the last eval metrics.
 
     Holds the workdir's lock throughout (a second run into it fails at once),
-    and turns SIGTERM into "save at the next step boundary and return".
+    and turns SIGTERM or SIGINT into "save at the next step boundary and return"
+    (a second one ends the process at once). A killed input worker saves, then
+    raises InputWorkerError; a lost peer process raises PeerLostError.
     """
     config_lib.validate(config)
     workdir = os.path.abspath(os.path.expanduser(workdir))
     os.makedirs(workdir, exist_ok=True)
     with (
         run_control.WorkdirLock(workdir, jax.process_index()),
-        run_control.StopSignal(multi_process=jax.process_count() > 1) as stop_signal,
+        run_control.StopSignal(
+            multi_process=jax.process_count() > 1,
+            resume_note=functools.partial(
+                checkpoint.resume_note, os.path.join(workdir, "checkpoints")
+            ),
+        ) as stop_signal,
     ):
         return _train_and_evaluate(config, workdir, stop_signal)
 
@@ -363,117 +455,133 @@ def _train_and_evaluate(
     timing_start: tuple[float, int] | None = None
     eval_metrics: dict[str, float] = {}
     step = start_step
-    while step < total_steps:
-        profiler.before_step(step + 1)
-        data_start = time.time()
-        batch = next(train_input)
-        data_seconds += time.time() - data_start
-        state, step_metrics = train_fn(state, batch)
-        profiler.after_step(step + 1, step_metrics)
-        ckpt.check_saves()  # A failed background save stops the run at this step boundary.
-        pending.append(step_metrics)
-        step += 1
-        if step == start_step + 1:
-            # The first step includes compilation: time the rest from here.
-            jax.block_until_ready(step_metrics)
-            logging.info(
-                "First step (with compilation) took %.1fs", time.time() - window_start_time
-            )
-            window_start_time, window_start_step = time.time(), step
-            timing_start = (window_start_time, step)
-            data_seconds = 0.0
-
-        if step % config.log_every_steps == 0 or step == total_steps:
-            fetched = jax.device_get(pending)
-            pending.clear()
-            _stop_if_not_finite([float(m["loss"]) for m in fetched], step - len(fetched) + 1, ckpt)
-            means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-            now = time.time()
-            images_per_sec = (
-                (step - window_start_step) * config.batch_size / max(now - window_start_time, 1e-9)
-            )
-            data_fraction = data_seconds / max(now - window_start_time, 1e-9)
-            window_start_time, window_start_step, data_seconds = now, step, 0.0
-            done_time, done_step = timing_start
-            seconds_per_step = (now - done_time) / max(step - done_step, 1)
-            means["images_per_sec"] = images_per_sec
-            means["data_wait_fraction"] = data_fraction
-            means["train_tflops_per_sec"] = images_per_sec * train_flops / 1e12
-            if peak:
-                means["mfu"] = means["train_tflops_per_sec"] / peak
-            rates.append(images_per_sec)
-            writer.write(step, "train", means)
-            logging.info(
-                "step %d/%d  epoch %.2f  loss %.4f  top1_err %.3f  top5_err %.3f  lr %.2g  "
-                "%.1f img/s (%.0f%% waiting for data)  ETA %s",
-                step,
-                total_steps,
-                step / steps_per_epoch,
-                means["loss"],
-                means["top1_error"],
-                means["top5_error"],
-                means["learning_rate"],
-                images_per_sec,
-                100 * data_fraction,
-                progress.format_duration(seconds_per_step * (total_steps - step)),
-            )
-            guard.observe_loss(step, means["loss"])
-
-        evaluated = step % eval_every_steps == 0 or step == total_steps
-        if evaluated:
-            eval_start = time.time()
-            eval_metrics = evaluate(state.params, eval_fn, validation)
-            writer.write(step, "val", eval_metrics)
-            old_schedule = jax.device_get(state.schedule)
-            state = state.replace(
-                schedule=observe_validation_error(state.schedule, eval_metrics["top1_error"])
-            )
-            new_schedule = jax.device_get(state.schedule)
-            if new_schedule.num_reductions > old_schedule.num_reductions:
+    try:
+        while step < total_steps:
+            profiler.before_step(step + 1)
+            data_start = time.time()
+            try:
+                batch = next(train_input)
+            except errors.InputWorkerError as e:
+                raise _stop_for_input_worker(
+                    e, "training", step, state, pending, train_iter, ckpt, config
+                ) from None
+            data_seconds += time.time() - data_start
+            state, step_metrics = train_fn(state, batch)
+            profiler.after_step(step + 1, step_metrics)
+            ckpt.check_saves()  # A failed background save stops the run at this step boundary.
+            pending.append(step_metrics)
+            step += 1
+            if step == start_step + 1:
+                # The first step includes compilation: time the rest from here.
+                jax.block_until_ready(step_metrics)
                 logging.info(
-                    "Validation error has not improved for %d evaluations: learning rate x%g "
-                    "(drop %d of at most %d)",
-                    config.optim.plateau_patience,
-                    config.optim.lr_decay_factor,
-                    new_schedule.num_reductions,
-                    config.optim.plateau_max_reductions,
+                    "First step (with compilation) took %.1fs", time.time() - window_start_time
                 )
-            logging.info(
-                "eval at step %d (epoch %.2f): loss %.4f  top1_err %.4f  top5_err %.4f  (%.1fs)",
-                step,
-                step / steps_per_epoch,
-                eval_metrics["loss"],
-                eval_metrics["top1_error"],
-                eval_metrics["top5_error"],
-                time.time() - eval_start,
-            )
-            window_start_time += time.time() - eval_start  # Keep eval out of img/s.
-            guard.observe_validation_error(step, eval_metrics["top1_error"])
+                window_start_time, window_start_step = time.time(), step
+                timing_start = (window_start_time, step)
+                data_seconds = 0.0
 
-        # Save on the interval, after each evaluation (ranked by its error, so the best
-        # is kept), at the end, and when SIGTERM asked to stop; never a non-finite state.
-        stop = stop_signal.should_stop(step)
-        force = evaluated or stop or step == total_steps
-        if force or ckpt.should_save(step):
-            losses = jax.device_get([m["loss"] for m in pending])
-            _stop_if_not_finite([float(x) for x in losses], step - len(pending) + 1, ckpt)
-            if not bool(metrics.all_finite(state.params)):
+            if step % config.log_every_steps == 0 or step == total_steps:
+                fetched = jax.device_get(pending)
+                pending.clear()
+                _stop_if_not_finite(
+                    [float(m["loss"]) for m in fetched], step - len(fetched) + 1, ckpt
+                )
+                means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+                now = time.time()
+                images_per_sec = (
+                    (step - window_start_step)
+                    * config.batch_size
+                    / max(now - window_start_time, 1e-9)
+                )
+                data_fraction = data_seconds / max(now - window_start_time, 1e-9)
+                window_start_time, window_start_step, data_seconds = now, step, 0.0
+                done_time, done_step = timing_start
+                seconds_per_step = (now - done_time) / max(step - done_step, 1)
+                means["images_per_sec"] = images_per_sec
+                means["data_wait_fraction"] = data_fraction
+                means["train_tflops_per_sec"] = images_per_sec * train_flops / 1e12
+                if peak:
+                    means["mfu"] = means["train_tflops_per_sec"] / peak
+                rates.append(images_per_sec)
+                writer.write(step, "train", means)
+                logging.info(
+                    "step %d/%d  epoch %.2f  loss %.4f  top1_err %.3f  top5_err %.3f  lr %.2g  "
+                    "%.1f img/s (%.0f%% waiting for data)  ETA %s",
+                    step,
+                    total_steps,
+                    step / steps_per_epoch,
+                    means["loss"],
+                    means["top1_error"],
+                    means["top5_error"],
+                    means["learning_rate"],
+                    images_per_sec,
+                    100 * data_fraction,
+                    progress.format_duration(seconds_per_step * (total_steps - step)),
+                )
+                guard.observe_loss(step, means["loss"])
+
+            evaluated = step % eval_every_steps == 0 or step == total_steps
+            if evaluated:
+                eval_start = time.time()
+                try:
+                    eval_metrics = evaluate(state.params, eval_fn, validation)
+                except errors.InputWorkerError as e:
+                    raise _stop_for_input_worker(
+                        e, "validation", step, state, pending, train_iter, ckpt, config
+                    ) from None
+                writer.write(step, "val", eval_metrics)
+                old_schedule = jax.device_get(state.schedule)
+                state = state.replace(
+                    schedule=observe_validation_error(state.schedule, eval_metrics["top1_error"])
+                )
+                new_schedule = jax.device_get(state.schedule)
+                if new_schedule.num_reductions > old_schedule.num_reductions:
+                    logging.info(
+                        "Validation error has not improved for %d evaluations: learning rate x%g "
+                        "(drop %d of at most %d)",
+                        config.optim.plateau_patience,
+                        config.optim.lr_decay_factor,
+                        new_schedule.num_reductions,
+                        config.optim.plateau_max_reductions,
+                    )
+                logging.info(
+                    "eval at step %d (epoch %.2f): loss %.4f  top1_err %.4f  top5_err %.4f  "
+                    "(%.1fs)",
+                    step,
+                    step / steps_per_epoch,
+                    eval_metrics["loss"],
+                    eval_metrics["top1_error"],
+                    eval_metrics["top5_error"],
+                    time.time() - eval_start,
+                )
+                window_start_time += time.time() - eval_start  # Keep eval out of img/s.
+                guard.observe_validation_error(step, eval_metrics["top1_error"])
+
+            # Save on the interval, after each evaluation (ranked by its error, so the best
+            # is kept), at the end, and when SIGTERM asked to stop; never a non-finite state.
+            stop = stop_signal.should_stop(step)
+            force = evaluated or stop or step == total_steps
+            if force or ckpt.should_save(step):
+                val = {f"val_{k}": v for k, v in eval_metrics.items()} if evaluated else None
+                _save_finite(step, state, pending, train_iter, ckpt, config, val)
+            if stop:
                 ckpt.wait()
-                raise diagnostics.NotFiniteError(
-                    f"Parameters are not finite after step {step}: stopping. {_last_good(ckpt)}"
+                logging.warning(
+                    "%s: saved the checkpoint at step %d and stopped; relaunch to continue",
+                    stop_signal.reason,
+                    step,
                 )
-            val = {f"val_{k}": v for k, v in eval_metrics.items()} if evaluated else None
-            ckpt.maybe_save(step, state, train_iter, config=config, metrics=val, force=True)
-        if stop:
-            ckpt.wait()
-            logging.warning(
-                "SIGTERM: saved the checkpoint at step %d and stopped; relaunch to continue", step
-            )
-            break
-
-    profiler.close()
-    train_input.close()  # Stops the input's worker processes.
-    validation.close()
+                break
+    except (jax.errors.JaxRuntimeError, checkpoint.CheckpointSaveError) as e:
+        # A collective in the step, or in a save's synchronization, with a process gone.
+        if jax.process_count() == 1 or not _is_peer_loss(e):
+            raise
+        raise _peer_lost(e, step, ckpt.directory) from None
+    finally:
+        profiler.close()
+        train_input.close()  # Stops the input's worker processes.
+        validation.close()
     ckpt.wait()
     _log_summary(step, eval_metrics, guard, time.time() - run_start, rates, ckpt.directory)
     ckpt.close()

@@ -1,4 +1,5 @@
-"""Checkpoints survive SIGKILL, SIGTERM, damaged files, bad relaunches, NaNs and a second launch.
+"""Checkpoints survive SIGKILL, SIGTERM, a killed input worker, damaged files, bad relaunches,
+NaNs and a second launch.
 
 The end-to-end tests share one set of launch.py runs (a module fixture), so
 the train step compiles in as few processes as possible:
@@ -6,14 +7,17 @@ the train step compiles in as few processes as possible:
   A   uninterrupted, 20 steps (the reference)        } run side by side
   B1  same config, SIGKILLed after step 5 is logged  }
   B2  relaunch into B's workdir, SIGTERMed a few steps after it resumes
-  B3  relaunch into B's workdir up to step 20        } run side by side
+  B3  relaunch into B's workdir whose one input worker process is SIGKILLed (as the
+      OOM killer does) a few steps after it resumes: saves, exits 75  } side by side
+  B4  relaunch into B's workdir up to step 20                         }  with C
 
-A reads its input in-process; B1, B2 and B3 with 2, 1 and 0 worker processes
-(``data.num_workers``): a resume on another number of workers continues the
-same batches, so B ends bitwise equal to A.
+A reads its input in-process; B1, B2, B3 and B4 with 2, 1, 1 and 1 worker
+processes (``data.num_workers``): a resume on another number of workers
+continues the same batches, so B ends bitwise equal to A.
   C   learning rate 1e30: the loss becomes NaN       }
 """
 
+import functools
 import glob
 import json
 import os
@@ -228,11 +232,14 @@ def _overrides(data_dir, workdir, **extra):
     return tiny_launch_flags(data_dir, workdir, **{**fields, **extra})
 
 
+LAUNCH = os.path.join(ROOT, "launch.py")
+
+
 def _start(args, log_path):
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
     with open(log_path, "w") as log:  # The child keeps its own copy of the descriptor.
         proc = subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, "launch.py"), *args],
+            [sys.executable, LAUNCH, *args],
             cwd=ROOT,
             env=env,
             stdout=log,
@@ -262,8 +269,35 @@ def _num_rows(workdir):
         return len(f.read().splitlines())
 
 
-def _signal_after(proc, workdir, min_step, signum, skip_rows=0, timeout=240):
-    """Sends ``signum`` once this run has logged a train row with step >= ``min_step``."""
+def _wait_for_resume(proc, timeout=240):
+    """The step a relaunched run says it resumed from, once it says so."""
+    deadline, log = time.time() + timeout, pathlib.Path(proc.log_path)
+    while "Resumed from the checkpoint" not in log.read_text():
+        assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+    return int(re.search(r"Resumed from the checkpoint at step (\d+)", log.read_text())[1])
+
+
+def _newest_input_worker(pid):
+    """The input worker process of ``pid`` started last: the training input's (the validation
+    input's start at set-up, the training input's at its first batch)."""
+    children = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                spawned = b"spawn_main" in f.read()
+        except OSError:
+            continue
+        if spawned and int(fields[1]) == pid:
+            children.append((int(fields[19]), int(entry)))  # (start time, pid)
+    return max(children)[1]
+
+
+def _signal_after(proc, workdir, min_step, signum, skip_rows=0, timeout=240, target=None):
+    """Sends ``signum`` once this run has logged a train row with step >= ``min_step``: to the
+    run, or to the process ``target()`` names."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -275,7 +309,7 @@ def _signal_after(proc, workdir, min_step, signum, skip_rows=0, timeout=240):
         ckpt_dir = os.path.join(workdir, "checkpoints")
         finished = os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir))
         if rows and rows[-1]["step"] >= min_step and finished:
-            os.kill(proc.pid, signum)
+            os.kill(target() if target else proc.pid, signum)
             return rows[-1]["step"]
         time.sleep(0.02)
     proc.kill()
@@ -309,12 +343,7 @@ def runs(tiny_demo_dir, tmp_path_factory):
         root / "B2.log",
     )
     out["a"] = _finish(a)  # A runs alongside B1 and B2.
-    deadline = time.time() + 240
-    b2_log = pathlib.Path(b2.log_path)
-    while "Resumed from the checkpoint" not in b2_log.read_text():
-        assert b2.poll() is None and time.time() < deadline, b2_log.read_text()[-3000:]
-        time.sleep(0.05)
-    resumed = int(re.search(r"Resumed from the checkpoint at step (\d+)", b2_log.read_text())[1])
+    resumed = _wait_for_resume(b2)
     out["b2_resumed"] = resumed
     _signal_after(b2, interrupted, resumed + 2, signal.SIGTERM, skip_rows=rows_before_b2)
     out["b2"] = _finish(b2)
@@ -327,6 +356,7 @@ def runs(tiny_demo_dir, tmp_path_factory):
         ),
         root / "B3.log",
     )
+    rows_before_b3 = _num_rows(interrupted)
     c = _start(
         _overrides(
             tiny_demo_dir,
@@ -337,8 +367,15 @@ def runs(tiny_demo_dir, tmp_path_factory):
         ),
         root / "C.log",
     )
-    out["b3"], out["c"] = _finish(b3), _finish(c)
-    out["worker_runs"].append(b3.pid)
+    resumed = _wait_for_resume(b3)
+    worker = functools.partial(_newest_input_worker, b3.pid)
+    _signal_after(b3, interrupted, resumed + 2, signal.SIGKILL, rows_before_b3, target=worker)
+    out["b3"] = _finish(b3)
+    out["b3_checkpoints"] = checkpoint.finished_steps(os.path.join(interrupted, "checkpoints"))
+    # Ends as planned, its input in a worker process (the leak check's third case).
+    b4 = _start(_overrides(tiny_demo_dir, interrupted, **{"data.num_workers": 1}), root / "B4.log")
+    out["b4"], out["c"] = _finish(b4), _finish(c)
+    out["worker_runs"] += [b3.pid, b4.pid]
     return out
 
 
@@ -354,19 +391,44 @@ def test_sigterm_saves_at_the_next_step_and_exits_zero(runs):
 
 
 def test_runs_with_input_workers_leave_no_shared_memory_killed_or_stopped(runs):
-    """B1 (2 workers) was SIGKILLed, B2 (1 worker) stopped by SIGTERM, B3 (1 worker) finished:
-    none leaves a batch slot file behind (B1's is removed by multiprocessing's resource
-    tracker), and neither B2 nor B3 reports leaked shared memory."""
-    for log in runs["b2"][1], runs["b3"][1]:
+    """B1 (2 workers) was SIGKILLed, B2 (1 worker) stopped by SIGTERM, B3 lost its worker, B4
+    (1 worker) finished: none leaves a batch slot file behind, and none of B2-B4 reports leaked
+    shared memory."""
+    for log in runs["b2"][1], runs["b3"][1], runs["b4"][1]:
         assert "leaked" not in log, log[-3000:]
     for pid in runs["worker_runs"]:
         assert not glob.glob(os.path.join(workers.SHM_DIR, f"alexnet_jax_{pid}_*"))
 
 
+def test_a_killed_input_worker_saves_where_it_stopped_and_exits_75(runs):
+    """B3's one training-input worker was SIGKILLed (as the OOM killer does) a few steps after
+    it resumed; the loop saved where it stood and exited 75. B4 resumed from that step, and the
+    run stays bitwise equal to A (test_sigkill_then_relaunch_...)."""
+    rc, log = runs["b3"]
+    assert rc == 75, log[-3000:]  # errors.EXIT_RELAUNCH
+    resumed = int(re.search(r"Resumed from the checkpoint at step (\d+)", log)[1])
+    reached = int(
+        re.search(r"error: Training input worker 0 was killed by SIGKILL at step (\d+)", log)[1]
+    )
+    assert reached >= resumed + 2
+    directory = os.path.join(runs["interrupted"], "checkpoints")
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: Training input worker 0 was killed by SIGKILL at step {reached}, so training "
+        f"stopped after saving the train state and the input position at step {reached} in "
+        f"{directory}. Relaunch the same command to continue from there. If the kernel's OOM "
+        "killer ended it (dmesg), try fewer workers (--config.data.num_workers), a smaller "
+        "--config.data.prefetch, or more memory."
+    ]
+    assert "Traceback" not in log
+    assert runs["b3_checkpoints"][-1] == reached  # Saved and committed before the exit.
+    assert f"Resumed from the checkpoint at step {reached} " in runs["b4"][1]
+
+
 def test_sigkill_then_relaunch_is_bitwise_identical_to_an_uninterrupted_run(runs):
     assert runs["b1"][0] == -signal.SIGKILL
     assert runs["a"][0] == 0, runs["a"][1][-3000:]
-    assert runs["b3"][0] == 0, runs["b3"][1][-3000:]
+    assert runs["b4"][0] == 0, runs["b4"][1][-3000:]
     assert runs["b2_resumed"] < TOTAL_STEPS
 
     ref = _restore_state(runs["ref"], TOTAL_STEPS)

@@ -28,7 +28,7 @@ def test_every_experiment_config_holds_exactly_the_schemas_fields(name):
 
 def test_defaults_are_the_declared_ones_and_pass_their_own_checks():
     flat = config_lib.flatten(config_lib.defaults().to_dict())
-    assert len(flat) == len(config_lib.FIELDS) == 67
+    assert len(flat) == len(config_lib.FIELDS) == 68
     for f in config_lib.FIELDS:
         value = tuple(flat[f.name]) if isinstance(flat[f.name], list) else flat[f.name]
         assert value == f.default and f.accepts.test(value), f.name

@@ -3,23 +3,25 @@
 Multi-device checks run in subprocesses with fake CPU devices
 (``XLA_FLAGS=--xla_force_host_platform_device_count=N`` must be set before JAX
 starts): ``tests/sharding_worker.py`` for one step on 1, 2 and 4 devices, and
-two ``launch.py`` processes joined by ``jax.distributed`` (gloo) for the
-multi-host run.
+two or three ``launch.py`` processes joined by ``jax.distributed`` (gloo) for
+multi-host runs, one of them killed, or with validation shards of unequal size.
 """
 
 import functools
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from alexnet_jax import config_lib, inference, optim, sharding, train
+from alexnet_jax import checkpoint, config_lib, inference, optim, sharding, train
 from configs import imagenet_pod
 from tests.conftest import ROOT, tiny_config, tiny_launch_flags
 
@@ -286,3 +288,146 @@ def test_two_processes_data_parallel_train_like_one(tiny_demo_dir, tmp_path):
     # single process's, dropout included.
     single_dir, pair_dir = _run_single_and_pair(tiny_demo_dir, tmp_path, "(2, 1)")
     _assert_same_run(single_dir, pair_dir, tiny_config(tiny_demo_dir))
+
+
+# --- When part of a multi-process job dies, or the processes' validation shards differ. ---
+
+
+def _start_job(data_dir, workdir, logs, mesh_shape: str, processes: int, **fields):
+    """``processes`` launch.py processes joined by jax.distributed (gloo), each logging to
+    a file in ``logs``."""
+    port = _free_port()
+    flags = tiny_launch_flags(data_dir, workdir, mesh_shape=mesh_shape, **fields)
+    jobs = []
+    for i in range(processes):
+        args = [
+            sys.executable,
+            os.path.join(ROOT, "launch.py"),
+            *flags,
+            "--config.distributed.initialize=True",
+            f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+            f"--config.distributed.num_processes={processes}",
+            f"--config.distributed.process_id={i}",
+        ]
+        with open(logs / f"{i}.log", "w") as log:  # The child keeps its own descriptor.
+            jobs.append(
+                subprocess.Popen(
+                    args, cwd=ROOT, env=_subprocess_env(1), stdout=log, stderr=subprocess.STDOUT
+                )
+            )
+    return jobs
+
+
+def _finish_job(jobs, logs, timeout=600) -> list[tuple[int, str]]:
+    """Each process's exit code and log; kills what still runs ``timeout`` s from now."""
+    deadline = time.time() + timeout
+    for job in jobs:
+        try:
+            job.wait(timeout=max(deadline - time.time(), 0.1))
+        except subprocess.TimeoutExpired:
+            job.kill()
+            job.wait()
+    return [(job.returncode, (logs / f"{i}.log").read_text()) for i, job in enumerate(jobs)]
+
+
+def _wait_for_step(workdir, step: int, jobs, timeout=600) -> None:
+    """Until process 0 has logged ``step`` and a checkpoint is committed."""
+    deadline = time.time() + timeout
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    while time.time() < deadline:
+        assert all(job.poll() is None for job in jobs), "a process ended early"
+        if checkpoint.finished_steps(os.path.join(workdir, "checkpoints")) and os.path.exists(
+            metrics_path
+        ):
+            with open(metrics_path) as f:
+                steps = [json.loads(line)["step"] for line in f if line.strip()]
+            if steps and max(steps) >= step:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"no step {step} within {timeout}s")
+
+
+@pytest.mark.slow  # Two jobs of two processes: ~2 minutes on 2 cores.
+def test_a_killed_process_ends_its_peer_at_once_and_the_relaunch_takes_the_newest_commit(
+    tiny_demo_dir, tmp_path
+):
+    workdir, logs = tmp_path / "pair", tmp_path / "logs"
+    logs.mkdir()
+    # A save every step, so one is usually in flight (and can never finish) at the kill.
+    fields = {"checkpoint_every_steps": 1, "max_steps": 400}
+    jobs = _start_job(tiny_demo_dir, workdir, logs, "(1, 2)", 2, **fields)
+    try:
+        _wait_for_step(workdir, 4, jobs)
+    except BaseException:
+        _finish_job(jobs, logs, timeout=0)  # Kills both.
+        raise
+    jobs[1].kill()
+    killed = time.time()
+    (rc, log), _ = _finish_job(jobs, logs, timeout=30)
+    assert time.time() - killed < 30
+    assert rc == 75, log[-3000:]  # errors.EXIT_RELAUNCH, not SIGABRT (-6) after 60 s.
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, log[-3000:]
+    directory = os.path.join(workdir, "checkpoints")
+    match = re.fullmatch(
+        r"error: Process 0 of 2 stopped at step (\d+): another process of the job is gone \(a "
+        r"collective failed: .+\)\. The newest committed checkpoint is step (\d+) \("
+        + re.escape(directory)
+        + r"/\d+\); relaunching every process of the job \(the same command on each\) resumes "
+        r"from it\.",
+        errors[0],
+    )
+    assert match, errors[0]
+    assert errors[0] == log.rstrip().splitlines()[-1]  # The last thing shown.
+    assert "Traceback" not in log and "Fatal Python error" not in log
+    committed = int(match[2])
+    assert 1 <= committed < int(match[1])  # Saves lag the steps: later ones never committed.
+    assert checkpoint.finished_steps(directory)[-1] == committed
+
+    # The relaunch restores the newest committed step (a half-written one, if any, is ignored).
+    fields["max_steps"] = committed + 2
+    relaunched = _finish_job(_start_job(tiny_demo_dir, workdir, logs, "(1, 2)", 2, **fields), logs)
+    for rc, log in relaunched:
+        assert rc == 0, log[-3000:]
+        assert f"Resumed from the checkpoint at step {committed} " in log
+    assert checkpoint.finished_steps(directory)[-1] == committed + 2
+
+
+@pytest.mark.slow  # Three processes and one: ~1.5 minutes on 2 cores.
+def test_uneven_validation_shards_finish_with_the_error_over_every_image(tiny_demo_dir, tmp_path):
+    """20 validation images over 3 processes are 7/7/6, in local batches of 6: 2/2/1 batches.
+
+    Before the padding, process 2 finished its pass while 0 and 1 waited for it in
+    their second batch's collective until killed.
+    """
+    fields = {"batch_size": 15, "eval_batch_size": 18, "max_steps": 1, "mesh_shape": "(-1, 1)"}
+    single = tmp_path / "single"
+    single_run = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "launch.py")]
+        + tiny_launch_flags(tiny_demo_dir, single, **fields),
+        cwd=ROOT,
+        env=_subprocess_env(1),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    del fields["mesh_shape"]
+    job = _start_job(tiny_demo_dir, tmp_path / "three", logs, "(3, 1)", 3, **fields)
+    for rc, log in _finish_job(job, logs, timeout=300):
+        assert rc == 0, log[-3000:]
+    _, stderr = single_run.communicate(timeout=300)
+    assert single_run.returncode == 0, stderr[-3000:]
+
+    def validation(workdir):
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            return [r for r in map(json.loads, f) if r["split"] == "val"]
+
+    [three], [one] = validation(tmp_path / "three"), validation(single)
+    assert three["step"] == one["step"] == 1
+    # Each image counted once: errors are multiples of 1/20, equal to one process's.
+    assert one["top1_error"] * 20 == pytest.approx(round(one["top1_error"] * 20))
+    assert three["top1_error"] == one["top1_error"]
+    assert three["top5_error"] == one["top5_error"]
+    assert three["loss"] == pytest.approx(one["loss"], rel=1e-5)

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from alexnet_jax import inference
+from alexnet_jax import inference, train
 from tests.conftest import ROOT, tiny_launch_flags
 
 
@@ -30,6 +30,46 @@ def test_eval_step_ignores_padding():
     assert padded["images"].shape == (5, 2, 2, 3)
     np.testing.assert_array_equal(padded["mask"], [1, 1, 1, 0, 0])
     np.testing.assert_array_equal(padded["labels"][:3], [0, 1, 2])
+
+
+def test_a_validation_pass_runs_as_many_batches_in_every_process():
+    """20 images over 3 processes (7/7/6) in local batches of 6: 2 batches each, masks 7/7/6."""
+
+    def endless_shard(process: int):  # The eval iterator's order: image i to process i mod 3.
+        shard = np.arange(process, 20, 3, dtype=np.int32)
+        while True:
+            for start in range(0, len(shard), 6):
+                labels = shard[start : start + 6]
+                yield {"images": np.ones((len(labels), 2, 2, 3), np.float32), "labels": labels}
+
+    seen = []
+    for process in range(3):
+        assert inference.batches_per_pass(20, 6, 3) == 2
+        images = inference.shard_images(20, process, 3)
+        shard = endless_shard(process)
+        for _ in range(2):  # Two passes: the second starts again at the shard's first image.
+            batches = list(
+                inference.padded_pass(shard, images=images, local_batch=6, num_batches=2)
+            )
+            assert [b["labels"].shape for b in batches] == [(6,), (6,)]
+            assert [b["images"].shape for b in batches] == [(6, 2, 2, 3)] * 2
+            masks = np.concatenate([b["mask"] for b in batches])
+            labels = np.concatenate([b["labels"] for b in batches])
+            assert masks.sum() == images == (7 if process < 2 else 6)
+            seen.append(sorted(labels[masks == 1].tolist()))
+    # Every image counted once a pass: process 2's second batch is all padding.
+    assert sorted(seen[0] + seen[2] + seen[4]) == list(range(20))
+    assert seen[4] == seen[5] == list(range(2, 20, 3))
+
+
+def test_a_failed_collective_with_a_gone_process_is_told_apart_from_other_runtime_errors():
+    # What the survivor's step raised when its peer was SIGKILLed (gloo on CPU, jax 0.10.2).
+    gone = (
+        "UNKNOWN: Gloo AllGather failed: [external/gloo/gloo/transport/tcp/pair.cc:547] "
+        "Connection closed by peer [127.0.0.1]:7553"
+    )
+    assert train._is_peer_loss(RuntimeError(gone))
+    assert not train._is_peer_loss(RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating"))
 
 
 def _launch(*args, timeout=600):
