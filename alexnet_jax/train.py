@@ -1,7 +1,9 @@
-"""The train state, the pure train and eval steps, and the training loop."""
+"""The train state, the pure train and eval steps, the run's setup, and the loop with its periodic
+parts (the log window, evaluation with the plateau rule, checkpoint or stop)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -218,20 +220,19 @@ def _save_finite(
     step: int,
     state: TrainState,
     pending: list[dict[str, jax.Array]],
-    train_iter: pipeline.BatchIterator,
-    ckpt: checkpoint.Checkpointer,
-    config: ml_collections.ConfigDict,
+    s: Setup,
     val: dict[str, float] | None = None,
 ) -> None:
-    """Saves ``state`` at ``step`` in the background, never a non-finite one."""
+    """Saves ``state`` and the input position at ``step`` in the background, never a
+    non-finite state (``pending``: the steps' metrics not yet checked)."""
     losses = jax.device_get([m["loss"] for m in pending])
-    _stop_if_not_finite([float(x) for x in losses], step - len(pending) + 1, ckpt)
+    _stop_if_not_finite([float(x) for x in losses], step - len(pending) + 1, s.ckpt)
     if not bool(metrics.all_finite(state.params)):
-        ckpt.wait()
+        s.ckpt.wait()
         raise diagnostics.NotFiniteError(
-            f"Parameters are not finite after step {step}: stopping. {_last_good(ckpt)}"
+            f"Parameters are not finite after step {step}: stopping. {_last_good(s.ckpt)}"
         )
-    ckpt.maybe_save(step, state, train_iter, config=config, metrics=val, force=True)
+    s.ckpt.maybe_save(step, state, s.train_input.iterator, config=s.config, metrics=val, force=True)
 
 
 def _how_it_ended(exitcode: int | None) -> str:
@@ -251,17 +252,16 @@ def _stop_for_input_worker(
     step: int,
     state: TrainState,
     pending: list[dict[str, jax.Array]],
-    train_iter: pipeline.BatchIterator,
-    ckpt: checkpoint.Checkpointer,
-    config: ml_collections.ConfigDict,
+    s: Setup,
 ) -> errors.InputWorkerError:
     """Saves the intact state and the input position at ``step``; returns the error to raise.
 
     The batch the worker was building was never handed out, so the saved
     position is the next batch and the relaunch continues exactly.
     """
+    ckpt = s.ckpt
     if step not in ckpt.finished_steps() and ckpt.latest_step() != step:
-        _save_finite(step, state, pending, train_iter, ckpt, config)
+        _save_finite(step, state, pending, s)
     ckpt.wait()  # The forced save and any save in flight.
     skipped = f"; the evaluation at step {step} is skipped" if which == "validation" else ""
     message = (
@@ -317,14 +317,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             ),
         ) as stop_signal,
     ):
-        return _train_and_evaluate(config, workdir, stop_signal)
+        return train_loop(setup(config, workdir), stop_signal)
 
 
-def _train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str, stop_signal: run_control.StopSignal
-) -> dict[str, float]:
-    is_main = jax.process_index() == 0
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What the training loop needs, built once by ``setup``."""
 
+    config: ml_collections.ConfigDict
+    workdir: str
+    mesh: jax.sharding.Mesh
+    steps_per_epoch: int
+    total_steps: int
+    train_fn: Any  # (state, batch) -> (state, step metrics), the state donated.
+    eval_fn: Any  # (params, batch) -> sums over the batch's real examples.
+    observe_validation_error: Any  # (schedule, top-1 error) -> schedule: the plateau rule.
+    train_input: feed.TrainInput
+    validation: feed.ValidationInput
+    ckpt: checkpoint.Checkpointer
+    state: TrainState  # Restored from the workdir, or new (or fine-tuned from a source).
+
+    @property
+    def eval_every_steps(self) -> int:
+        return max(1, round(self.config.eval_every_epochs * self.steps_per_epoch))
+
+
+def _make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+    """``config.mesh_shape``'s mesh, whose data axis divides both batch sizes."""
     try:
         mesh = sharding.make_mesh(config.mesh_shape)
     except ValueError as e:
@@ -340,8 +359,11 @@ def _train_and_evaluate(
                 f"config.{field} = {config[field]} must be divisible by the mesh's data axis "
                 f"({data_size} devices)"
             )
+    return mesh
 
-    dataset = load_dataset(config)
+
+def _steps(config: ml_collections.ConfigDict, dataset: pipeline.Dataset) -> tuple[int, int]:
+    """(steps per epoch, total steps) of ``config`` on ``dataset``."""
     steps_per_epoch = dataset.num_examples("train") // config.batch_size
     if steps_per_epoch == 0:
         raise config_lib.ConfigError(
@@ -351,8 +373,14 @@ def _train_and_evaluate(
     total_steps = (
         config.max_steps if config.max_steps > 0 else math.ceil(config.num_epochs * steps_per_epoch)
     )
-    eval_every_steps = max(1, round(config.eval_every_epochs * steps_per_epoch))
+    return steps_per_epoch, total_steps
 
+
+def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
+    """The mesh, dataset, schedule, model, optimizer, jitted steps, inputs and first state."""
+    mesh = _make_mesh(config)
+    dataset = load_dataset(config)
+    steps_per_epoch, total_steps = _steps(config, dataset)
     model = inference.build_model(config, mesh)
     learning_rate_fn = optim.learning_rate_schedule(
         config.optim,
@@ -361,16 +389,10 @@ def _train_and_evaluate(
         total_steps=total_steps,
     )
     optimizer = optim.make_optimizer(config.optim)
-
     init_fn = functools.partial(init_state, model, optimizer, config.seed, config.data.crop_size)
     abstract_state = jax.eval_shape(init_fn)
     state_shardings = sharding.state_shardings(mesh, abstract_state)
     batch_shardings = sharding.batch_sharding(mesh)
-    observe_validation_error = jax.jit(
-        lambda schedule, error: optim.observe_validation_error(schedule, error, config.optim),
-        out_shardings=state_shardings.schedule,
-    )
-
     train_fn = jit_train_step(
         model,
         optimizer,
@@ -383,10 +405,40 @@ def _train_and_evaluate(
         in_shardings=(state_shardings.params, batch_shardings),
         out_shardings=sharding.replicated(mesh),
     )
-
+    observe_validation_error = jax.jit(
+        lambda schedule, error: optim.observe_validation_error(schedule, error, config.optim),
+        out_shardings=state_shardings.schedule,
+    )
     train_input = feed.train_input(config, dataset, mesh)
-    train_iter = train_input.iterator  # Checkpointed with the state.
     validation = feed.validation_input(config, dataset, mesh)
+    _log_input(config, train_input)
+    ckpt = checkpoint.Checkpointer(
+        workdir, save_every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints
+    )
+    abstract_sharded = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract_state,
+        state_shardings,
+    )
+    new_state = jax.jit(init_fn, out_shardings=state_shardings)
+    state = _first_state(config, ckpt, train_input.iterator, abstract_sharded, new_state)
+    return Setup(
+        config=config,
+        workdir=workdir,
+        mesh=mesh,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        train_fn=train_fn,
+        eval_fn=eval_fn,
+        observe_validation_error=observe_validation_error,
+        train_input=train_input,
+        validation=validation,
+        ckpt=ckpt,
+        state=state,
+    )
+
+
+def _log_input(config: ml_collections.ConfigDict, train_input: feed.TrainInput) -> None:
     logging.info(
         "Input: %s, %d worker process(es) x %d thread(s)%s",
         "uint8 crops finished on the device"
@@ -396,182 +448,80 @@ def _train_and_evaluate(
         train_input.loading.num_threads,
         " (data.num_workers = -1: auto)" if config.data.num_workers < 0 else "",
     )
-    ckpt = checkpoint.Checkpointer(
-        workdir, save_every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints
-    )
-    abstract_sharded = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        abstract_state,
-        state_shardings,
-    )
-    # The newest checkpoint that restores (older ones if it is damaged), after checking
-    # that the config does not change the model.
+
+
+def _first_state(
+    config: ml_collections.ConfigDict,
+    ckpt: checkpoint.Checkpointer,
+    train_iter: pipeline.BatchIterator,
+    abstract_sharded: TrainState,
+    new_state: Any,
+) -> TrainState:
+    """The newest checkpoint that restores (with the input position), else ``new_state()``.
+
+    Restoring checks first that the config does not change the model and falls
+    back to older checkpoints when the newest is damaged; a fresh fine-tuning run
+    starts from another run's params (checked before the init).
+    """
     restored = ckpt.restore_latest_usable(abstract_sharded, train_iter, config)
     if restored is not None:
         latest, state = restored
         logging.info("Resumed from the checkpoint at step %d in %s", latest, ckpt.directory)
-    else:
-        # Fine-tuning: a fresh run starts from another run's params (checked before init).
-        source = finetune.load_source(config, abstract_sharded.params) if config.init_from else None
-        state = jax.jit(init_fn, out_shardings=state_shardings)()
-        if source is not None:
-            state = state.replace(params=finetune.initial_params(source, state.params, config))
-        else:
-            logging.info("Initialized a new model (%s init)", config.model.init_scheme)
-            if config.optim.frozen_layers:
-                logging.warning(
-                    "config.optim.frozen_layers = %s without config.init_from: those layers "
-                    "stay at their random init",
-                    tuple(config.optim.frozen_layers),
-                )
+        return state
+    source = finetune.load_source(config, abstract_sharded.params) if config.init_from else None
+    state = new_state()
+    if source is not None:
+        return state.replace(params=finetune.initial_params(source, state.params, config))
+    logging.info("Initialized a new model (%s init)", config.model.init_scheme)
+    if config.optim.frozen_layers:
+        logging.warning(
+            "config.optim.frozen_layers = %s without config.init_from: those layers "
+            "stay at their random init",
+            tuple(config.optim.frozen_layers),
+        )
+    return state
 
-    writer = metrics.MetricWriter(workdir, enabled=is_main)
-    start_step = int(jax.device_get(state.step))
-    logging.info(
-        "Training steps %d..%d (%d steps/epoch of %d images, %.3g epochs) on %s",
-        start_step,
-        total_steps,
-        steps_per_epoch,
-        config.batch_size,
-        total_steps / steps_per_epoch,
-        dict(mesh.shape),
-    )
 
+def train_loop(s: Setup, stop_signal: run_control.StopSignal) -> dict[str, float]:
+    """Steps from the setup's state to ``total_steps``; returns the last evaluation's metrics.
+
+    Each step: the next batch, the train step, then the periodic parts in
+    turn (the log window, the evaluation, the checkpoint or stop), each with
+    its own state.
+    """
+    config, ckpt = s.config, s.ckpt
+    run_start, state = time.time(), s.state
+    step = start_step = int(jax.device_get(state.step))
+    _log_plan(s, start_step)
+    writer = metrics.MetricWriter(s.workdir, enabled=jax.process_index() == 0)
+    guard = _stuck_guard(config)
     d = config.diagnostics
-    guard = diagnostics.StuckGuard(
-        config.model.num_classes,
-        after_steps=d.stuck_after_steps,
-        margin=d.stuck_loss_margin,
-        eval_patience=d.stuck_eval_patience,
-        stop=d.stop_when_stuck,
-    )
-    profiler = diagnostics.ProfilerWindow(workdir, d.profile_start_step, d.profile_num_steps)
-    run_start, rates = time.time(), []
-    train_flops = flops.train_flops_per_image(config)  # For the logged TFLOP/s and MFU.
-    peak = diagnostics.peak_tflops(d.peak_tflops, config.model.compute_dtype)
-    pending: list[dict[str, jax.Array]] = []
-    data_seconds = 0.0  # Waiting for the next batch in this log window (input-bound if large).
-    window_start_time, window_start_step = time.time(), start_step
-    timing_start: tuple[float, int] | None = None
-    eval_metrics: dict[str, float] = {}
-    step = start_step
+    profiler = diagnostics.ProfilerWindow(s.workdir, d.profile_start_step, d.profile_num_steps)
+    window = LogWindow(s, writer, guard, start_step)
+    evaluation = Evaluation(s, writer, guard)
     try:
-        while step < total_steps:
+        while step < s.total_steps:
             profiler.before_step(step + 1)
-            data_start = time.time()
             try:
-                batch = next(train_input)
+                batch = window.next_batch(s.train_input)
             except errors.InputWorkerError as e:
                 raise _stop_for_input_worker(
-                    e, "training", step, state, pending, train_iter, ckpt, config
+                    e, "training", step, state, window.pending, s
                 ) from None
-            data_seconds += time.time() - data_start
-            state, step_metrics = train_fn(state, batch)
+            state, step_metrics = s.train_fn(state, batch)
             profiler.after_step(step + 1, step_metrics)
             ckpt.check_saves()  # A failed background save stops the run at this step boundary.
-            pending.append(step_metrics)
             step += 1
-            if step == start_step + 1:
-                # The first step includes compilation: time the rest from here.
-                jax.block_until_ready(step_metrics)
-                logging.info(
-                    "First step (with compilation) took %.1fs", time.time() - window_start_time
-                )
-                window_start_time, window_start_step = time.time(), step
-                timing_start = (window_start_time, step)
-                data_seconds = 0.0
-
-            if step % config.log_every_steps == 0 or step == total_steps:
-                fetched = jax.device_get(pending)
-                pending.clear()
-                _stop_if_not_finite(
-                    [float(m["loss"]) for m in fetched], step - len(fetched) + 1, ckpt
-                )
-                means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-                now = time.time()
-                images_per_sec = (
-                    (step - window_start_step)
-                    * config.batch_size
-                    / max(now - window_start_time, 1e-9)
-                )
-                data_fraction = data_seconds / max(now - window_start_time, 1e-9)
-                window_start_time, window_start_step, data_seconds = now, step, 0.0
-                done_time, done_step = timing_start
-                seconds_per_step = (now - done_time) / max(step - done_step, 1)
-                means["images_per_sec"] = images_per_sec
-                means["data_wait_fraction"] = data_fraction
-                means["train_tflops_per_sec"] = images_per_sec * train_flops / 1e12
-                if peak:
-                    means["mfu"] = means["train_tflops_per_sec"] / peak
-                rates.append(images_per_sec)
-                writer.write(step, "train", means)
-                logging.info(
-                    "step %d/%d  epoch %.2f  loss %.4f  top1_err %.3f  top5_err %.3f  lr %.2g  "
-                    "%.1f img/s (%.0f%% waiting for data)  ETA %s",
-                    step,
-                    total_steps,
-                    step / steps_per_epoch,
-                    means["loss"],
-                    means["top1_error"],
-                    means["top5_error"],
-                    means["learning_rate"],
-                    images_per_sec,
-                    100 * data_fraction,
-                    progress.format_duration(seconds_per_step * (total_steps - step)),
-                )
-                guard.observe_loss(step, means["loss"])
-
-            evaluated = step % eval_every_steps == 0 or step == total_steps
+            window.add(step, step_metrics)
+            evaluated = evaluation.due(step)
             if evaluated:
-                eval_start = time.time()
                 try:
-                    eval_metrics = evaluate(state.params, eval_fn, validation)
+                    state = evaluation.run(step, state, window)
                 except errors.InputWorkerError as e:
                     raise _stop_for_input_worker(
-                        e, "validation", step, state, pending, train_iter, ckpt, config
+                        e, "validation", step, state, window.pending, s
                     ) from None
-                writer.write(step, "val", eval_metrics)
-                old_schedule = jax.device_get(state.schedule)
-                state = state.replace(
-                    schedule=observe_validation_error(state.schedule, eval_metrics["top1_error"])
-                )
-                new_schedule = jax.device_get(state.schedule)
-                if new_schedule.num_reductions > old_schedule.num_reductions:
-                    logging.info(
-                        "Validation error has not improved for %d evaluations: learning rate x%g "
-                        "(drop %d of at most %d)",
-                        config.optim.plateau_patience,
-                        config.optim.lr_decay_factor,
-                        new_schedule.num_reductions,
-                        config.optim.plateau_max_reductions,
-                    )
-                logging.info(
-                    "eval at step %d (epoch %.2f): loss %.4f  top1_err %.4f  top5_err %.4f  "
-                    "(%.1fs)",
-                    step,
-                    step / steps_per_epoch,
-                    eval_metrics["loss"],
-                    eval_metrics["top1_error"],
-                    eval_metrics["top5_error"],
-                    time.time() - eval_start,
-                )
-                window_start_time += time.time() - eval_start  # Keep eval out of img/s.
-                guard.observe_validation_error(step, eval_metrics["top1_error"])
-
-            # Save on the interval, after each evaluation (ranked by its error, so the best
-            # is kept), at the end, and when SIGTERM asked to stop; never a non-finite state.
-            stop = stop_signal.should_stop(step)
-            force = evaluated or stop or step == total_steps
-            if force or ckpt.should_save(step):
-                val = {f"val_{k}": v for k, v in eval_metrics.items()} if evaluated else None
-                _save_finite(step, state, pending, train_iter, ckpt, config, val)
-            if stop:
-                ckpt.wait()
-                logging.warning(
-                    "%s: saved the checkpoint at step %d and stopped; relaunch to continue",
-                    stop_signal.reason,
-                    step,
-                )
+            if _save_or_stop(s, step, state, window.pending, evaluation, evaluated, stop_signal):
                 break
     except (jax.errors.JaxRuntimeError, checkpoint.CheckpointSaveError) as e:
         # A collective in the step, or in a save's synchronization, with a process gone.
@@ -580,13 +530,188 @@ def _train_and_evaluate(
         raise _peer_lost(e, step, ckpt.directory) from None
     finally:
         profiler.close()
-        train_input.close()  # Stops the input's worker processes.
-        validation.close()
+        s.train_input.close()  # Stops the input's worker processes.
+        s.validation.close()
     ckpt.wait()
-    _log_summary(step, eval_metrics, guard, time.time() - run_start, rates, ckpt.directory)
+    _log_summary(
+        step, evaluation.latest, guard, time.time() - run_start, window.rates, ckpt.directory
+    )
     ckpt.close()
     writer.close()
-    return eval_metrics
+    return evaluation.latest
+
+
+def _log_plan(s: Setup, start_step: int) -> None:
+    logging.info(
+        "Training steps %d..%d (%d steps/epoch of %d images, %.3g epochs) on %s",
+        start_step,
+        s.total_steps,
+        s.steps_per_epoch,
+        s.config.batch_size,
+        s.total_steps / s.steps_per_epoch,
+        dict(s.mesh.shape),
+    )
+
+
+def _stuck_guard(config: ml_collections.ConfigDict) -> diagnostics.StuckGuard:
+    d = config.diagnostics
+    return diagnostics.StuckGuard(
+        config.model.num_classes,
+        after_steps=d.stuck_after_steps,
+        margin=d.stuck_loss_margin,
+        eval_patience=d.stuck_eval_patience,
+        stop=d.stop_when_stuck,
+    )
+
+
+class LogWindow:
+    """The train log line every ``log_every_steps``: mean metrics, img/s, data wait, MFU, ETA.
+
+    The steps' metrics stay on the device until a log step (fetching each one
+    would stall the dispatch of the next). The first step compiles, so the
+    rates are timed from the second; evaluations are kept out of img/s.
+    """
+
+    def __init__(
+        self, s: Setup, writer: metrics.MetricWriter, guard: diagnostics.StuckGuard, step: int
+    ):
+        self._s, self._writer, self._guard = s, writer, guard
+        self._first_step = step + 1
+        self.pending: list[dict[str, jax.Array]] = []  # Metrics not yet fetched.
+        self.rates: list[float] = []  # img/s of every window, for the summary's median.
+        self._data_seconds = 0.0  # Waiting for the next batch (input-bound if large).
+        self._start_time, self._start_step = time.time(), step
+        self._timed_from: tuple[float, int] = (self._start_time, step)  # For the ETA.
+        self._train_flops = flops.train_flops_per_image(s.config)  # For TFLOP/s and MFU.
+        d = s.config.diagnostics
+        self._peak = diagnostics.peak_tflops(d.peak_tflops, s.config.model.compute_dtype)
+
+    def next_batch(self, train_input: feed.TrainInput) -> feed.DeviceBatch:
+        start = time.time()
+        batch = next(train_input)
+        self._data_seconds += time.time() - start
+        return batch
+
+    def exclude(self, seconds: float) -> None:
+        """Keeps ``seconds`` (an evaluation) out of the window's rate."""
+        self._start_time += seconds
+
+    def add(self, step: int, step_metrics: dict[str, jax.Array]) -> None:
+        """Records step ``step``'s metrics; logs the window when ``step`` is a log step."""
+        self.pending.append(step_metrics)
+        if step == self._first_step:
+            jax.block_until_ready(step_metrics)
+            logging.info("First step (with compilation) took %.1fs", time.time() - self._start_time)
+            self._start_time, self._start_step, self._data_seconds = time.time(), step, 0.0
+            self._timed_from = (self._start_time, step)
+        if step % self._s.config.log_every_steps == 0 or step == self._s.total_steps:
+            self._log(step)
+
+    def _log(self, step: int) -> None:
+        s, fetched = self._s, jax.device_get(self.pending)
+        self.pending = []
+        _stop_if_not_finite([float(m["loss"]) for m in fetched], step - len(fetched) + 1, s.ckpt)
+        means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+        now = time.time()
+        seconds = max(now - self._start_time, 1e-9)
+        images_per_sec = (step - self._start_step) * s.config.batch_size / seconds
+        data_fraction = self._data_seconds / seconds
+        self._start_time, self._start_step, self._data_seconds = now, step, 0.0
+        seconds_per_step = (now - self._timed_from[0]) / max(step - self._timed_from[1], 1)
+        means["images_per_sec"] = images_per_sec
+        means["data_wait_fraction"] = data_fraction
+        means["train_tflops_per_sec"] = images_per_sec * self._train_flops / 1e12
+        if self._peak:
+            means["mfu"] = means["train_tflops_per_sec"] / self._peak
+        self.rates.append(images_per_sec)
+        self._writer.write(step, "train", means)
+        logging.info(
+            "step %d/%d  epoch %.2f  loss %.4f  top1_err %.3f  top5_err %.3f  lr %.2g  "
+            "%.1f img/s (%.0f%% waiting for data)  ETA %s",
+            step,
+            s.total_steps,
+            step / s.steps_per_epoch,
+            means["loss"],
+            means["top1_error"],
+            means["top5_error"],
+            means["learning_rate"],
+            images_per_sec,
+            100 * data_fraction,
+            progress.format_duration(seconds_per_step * (s.total_steps - step)),
+        )
+        self._guard.observe_loss(step, means["loss"])
+
+
+class Evaluation:
+    """Validation every ``eval_every_steps`` and at the end, and the plateau rule it feeds."""
+
+    def __init__(self, s: Setup, writer: metrics.MetricWriter, guard: diagnostics.StuckGuard):
+        self._s, self._writer, self._guard = s, writer, guard
+        self.latest: dict[str, float] = {}  # The last evaluation's metrics.
+
+    def due(self, step: int) -> bool:
+        return step % self._s.eval_every_steps == 0 or step == self._s.total_steps
+
+    def run(self, step: int, state: TrainState, window: LogWindow) -> TrainState:
+        """Evaluates, logs, and returns ``state`` with the plateau rule's schedule updated."""
+        s, start = self._s, time.time()
+        self.latest = evaluate(state.params, s.eval_fn, s.validation)
+        self._writer.write(step, "val", self.latest)
+        old_schedule = jax.device_get(state.schedule)
+        state = state.replace(
+            schedule=s.observe_validation_error(state.schedule, self.latest["top1_error"])
+        )
+        new_schedule = jax.device_get(state.schedule)
+        optim_config = s.config.optim
+        if new_schedule.num_reductions > old_schedule.num_reductions:
+            logging.info(
+                "Validation error has not improved for %d evaluations: learning rate x%g "
+                "(drop %d of at most %d)",
+                optim_config.plateau_patience,
+                optim_config.lr_decay_factor,
+                new_schedule.num_reductions,
+                optim_config.plateau_max_reductions,
+            )
+        logging.info(
+            "eval at step %d (epoch %.2f): loss %.4f  top1_err %.4f  top5_err %.4f  (%.1fs)",
+            step,
+            step / s.steps_per_epoch,
+            self.latest["loss"],
+            self.latest["top1_error"],
+            self.latest["top5_error"],
+            time.time() - start,
+        )
+        window.exclude(time.time() - start)
+        self._guard.observe_validation_error(step, self.latest["top1_error"])
+        return state
+
+
+def _save_or_stop(
+    s: Setup,
+    step: int,
+    state: TrainState,
+    pending: list[dict[str, jax.Array]],
+    evaluation: Evaluation,
+    evaluated: bool,
+    stop_signal: run_control.StopSignal,
+) -> bool:
+    """Saves when due; returns whether to stop (a signal asked to: saved first).
+
+    Saves on the interval, after each evaluation (ranked by its error, so the
+    best is kept), at the end, and when a signal asked to stop.
+    """
+    stop = stop_signal.should_stop(step)
+    if evaluated or stop or step == s.total_steps or s.ckpt.should_save(step):
+        val = {f"val_{k}": v for k, v in evaluation.latest.items()} if evaluated else None
+        _save_finite(step, state, pending, s, val)
+    if stop:
+        s.ckpt.wait()
+        logging.warning(
+            "%s: saved the checkpoint at step %d and stopped; relaunch to continue",
+            stop_signal.reason,
+            step,
+        )
+    return stop
 
 
 def _log_summary(
