@@ -50,6 +50,7 @@ INTERNAL = {
     "ExportError": "export._run turns it into a UsageError",
     "TorchCompileError": "the benchmark reports it as a row's note",
     "WorkerError": "a bug or a broken machine: prepare exits 1 with the worker's traceback",
+    "_WorkerTracebackError": "only ever the cause of an input worker's own exception, re-raised",
 }
 
 
