@@ -38,7 +38,6 @@ from __future__ import annotations
 import functools
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -47,11 +46,11 @@ from typing import Any
 
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 from PIL import Image
 
-from alexnet_jax import cli, config_lib, feed, sharding
+from alexnet_jax import config_lib, feed, sharding
 from alexnet_jax.benchmarks import command, train_step
 from alexnet_jax.data import augment, pipeline, prepare, records, writer
 
@@ -480,26 +479,22 @@ def define_flags() -> None:
 
 def main(argv: Sequence[str]) -> int:
     """A bad flag or config value, or a missing path, is one ``error:`` line and exit 2."""
-    return cli.run_reporting_errors(lambda: _run(argv))
 
+    def measure() -> dict[str, Any]:
+        return run(
+            FLAGS.config,
+            samples_dir=FLAGS.samples_dir or None,
+            synthetic_images=FLAGS.synthetic_images,
+            num_records=FLAGS.records,
+            num_val_records=FLAGS.val_records,
+            rounds=FLAGS.rounds,
+            batches_per_round=FLAGS.batches_per_round,
+            train_steps=FLAGS.train_steps,
+            max_workers=FLAGS.max_workers,
+        )
 
-def _run(argv: Sequence[str]) -> int:
-    command.start(argv, FLAGS.config)
-    results = run(
-        FLAGS.config,
-        samples_dir=FLAGS.samples_dir or None,
-        synthetic_images=FLAGS.synthetic_images,
-        num_records=FLAGS.records,
-        num_val_records=FLAGS.val_records,
-        rounds=FLAGS.rounds,
-        batches_per_round=FLAGS.batches_per_round,
-        train_steps=FLAGS.train_steps,
-        max_workers=FLAGS.max_workers,
-    )
-    command.finish(results, FLAGS.json)
-    return cli.EXIT_OK
+    return command.main(argv, FLAGS.config, measure, FLAGS.json)
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(lambda argv: sys.exit(main(argv)))
+    command.launch(define_flags, main)
