@@ -7,7 +7,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from alexnet_jax import config_lib, tuning
+from alexnet_jax import config_lib, inference, tuning
 from alexnet_jax.data import augment, pipeline, records
 from tests.conftest import tiny_config
 
@@ -318,7 +318,8 @@ def test_an_endless_evaluation_iterator_repeats_the_pass(dataset, process_index,
         "process_count": process_count,
     }
     one = list(pipeline.eval_iterator(dataset, **kwargs))
-    n = pipeline.eval_batches_per_pass(dataset, "val", 8, process_index, process_count)
+    images = inference.shard_images(dataset.num_examples("val"), process_index, process_count)
+    n = -(-images // (8 // process_count))
     assert n == len(one) and len(one[-1]["labels"]) < len(one[0]["labels"])  # A short last one.
     endless = pipeline.eval_iterator(dataset, endless=True, **kwargs)
     passes = [next(endless) for _ in range(2 * n)]

@@ -633,7 +633,7 @@ def eval_iterator(
     B x 10 x crop x crop x 3; average the softmax over axis 1 with
     ``augment.average_crop_softmax``. With ``preprocessing.finish_on_device``
     they are uint8 pixels (see ``EvalTransform``). PCA noise is never applied.
-    ``endless`` repeats the pass without end (``eval_batches_per_pass`` batches
+    ``endless`` repeats the pass without end (``inference.shard_images`` images
     each), so a training run's validation workers start once, not every pass.
     """
     local_batch = batch_size // process_count
@@ -651,11 +651,3 @@ def eval_iterator(
         loading = dataclasses.replace(loading, prefetch=min(2 * local_batch, 64))
     what = "validation input" if endless else "evaluation input"
     return BatchIterator(batches, loading, endless=endless, what=what)
-
-
-def eval_batches_per_pass(
-    dataset: Dataset, split: str, batch_size: int, process_index: int = 0, process_count: int = 1
-) -> int:
-    """How many batches ``eval_iterator`` gives this process in one pass over ``split``."""
-    records = len(range(process_index, dataset.num_examples(split), process_count))
-    return -(-records // (batch_size // process_count))
